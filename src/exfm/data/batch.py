@@ -86,6 +86,7 @@ class Batch:
         time_us: ``[B]`` int64 event times (µs, UTC).
         domain: ``[B]`` int64 index into the dataset's sorted domain list (-1 without domains).
         day: the day these rows belong to (a batch never spans two days).
+        index_in_day: this batch's number within its day (0, 1, ...), for checkpoints.
         fm_predictions: ``[B, T]`` float32 logged FM probabilities, NaN where missing; or None.
         passthrough: extra ``[B]`` float32 columns (e.g. true probabilities), by name.
     """
@@ -96,6 +97,7 @@ class Batch:
     time_us: torch.Tensor
     domain: torch.Tensor
     day: int
+    index_in_day: int = 0
     fm_predictions: torch.Tensor | None = None
     passthrough: dict[str, torch.Tensor] = field(default_factory=dict)
 

@@ -7,8 +7,8 @@ hash as their decimal text, so ``123`` and ``"123"`` agree.
 
 Datasets store the 64-bit hash; the reader maps it to a bucket of a table of ``B`` rows::
 
-    bucket(h) = 0                           if h == 0   (missing / padding)
-              = 1 + (uint64(h) mod (B - 1)) otherwise
+    bucket(h) = 0                       if h == 0   (missing / padding)
+              = 1 + (h mod (B - 1))     otherwise, with the floor modulo (result in [0, B-2])
 
 so the bucket count can change without re-ingesting.
 """
@@ -20,6 +20,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 MISSING_HASH = 0
 
@@ -58,9 +59,7 @@ def stable_hash(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.nd
     return out
 
 
-def bucketize(hashes: np.ndarray, buckets: int) -> np.ndarray:
+def bucketize(hashes: torch.Tensor, buckets: int) -> torch.Tensor:
     """Map stored int64 hashes ``[...]`` to bucket ids in ``[0, buckets)`` (0 = missing)."""
-    unsigned = hashes.view(np.uint64)
-    ids = (unsigned % np.uint64(buckets - 1)).astype(np.int64) + 1
-    ids[hashes == MISSING_HASH] = 0
-    return ids
+    ids = torch.remainder(hashes, buckets - 1).add_(1)
+    return ids.masked_fill_(hashes == MISSING_HASH, 0)

@@ -1,0 +1,211 @@
+"""The one-pass streaming trainer.
+
+``train(config, run_dir)`` trains a model on days ``train_days`` exactly once, in time order:
+
+1. each batch is first scored by the current model (progressive evaluation: the training
+   forward's logits, taken before the optimizer step, go to :class:`ProgressiveNE`);
+2. the objective's loss is back-propagated and the sparse and dense optimizers step;
+3. every ``checkpoint_every`` batches and at every day end, the model, the optimizers, the
+   progressive metrics, the RNG state and the stream position are checkpointed atomically.
+
+``train(..., resume=True)`` restarts from the last checkpoint: the reader continues at the
+checkpointed position (no batch trained twice, none skipped), and ``metrics.jsonl`` is cut back
+to what it held at that checkpoint. With one thread on the CPU, a killed-and-resumed run ends
+with bit-identical parameters to an uninterrupted one (``tests/test_trainer.py``).
+
+Afterwards every ``eval_days`` day is evaluated exactly (:func:`evaluate_day`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from exfm.data.dataset import Dataset, open_dataset
+from exfm.data.reader import ReaderPosition, StreamReader
+from exfm.models.base import RecModel
+from exfm.models.registry import build_model
+from exfm.train.config import TrainConfig
+from exfm.train.metrics import MetricSet, ProgressiveNE, StreamingMetrics
+from exfm.train.objective import SupervisedObjective
+from exfm.train.optim import Optimizers
+from exfm.train.run_dir import RunDirectory
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    model: RecModel
+    examples: int
+    evaluations: dict[int, dict[str, dict[str, MetricSet]]]
+
+
+def model_tasks(config: TrainConfig, dataset: Dataset) -> list[str]:
+    tasks = config.tasks or dataset.schema.tasks
+    unknown = sorted(set(tasks) - set(dataset.schema.tasks))
+    if unknown:
+        raise ValueError(f"tasks {unknown} are not labels of dataset {dataset.root} ({dataset.schema.tasks})")
+    return list(tasks)
+
+
+def build_for_run(config: TrainConfig, dataset: Dataset) -> RecModel:
+    """The run's model, seeded from ``config.seed`` and placed on ``config.device``."""
+    torch.manual_seed(config.seed)
+    return build_model(config.model, dataset.schema, model_tasks(config, dataset)).to(config.device)
+
+
+def stack_logits(logits: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tensor:
+    """``{task: [B]} -> [B, T]`` in ``tasks`` order."""
+    return torch.stack([logits[t] for t in tasks], dim=1)
+
+
+class _Checkpointer:
+    """Saves and restores the whole training state of a run."""
+
+    def __init__(
+        self, run: RunDirectory, model: RecModel, optimizers: Optimizers, progressive: ProgressiveNE
+    ):
+        self.run, self.model, self.optimizers, self.progressive = run, model, optimizers, progressive
+
+    def save(self, position: ReaderPosition, examples: int, batches: int, name: str = "last") -> None:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizers": self.optimizers.state_dict(),
+            "progressive": self.progressive.state_dict(),
+            "rng": torch.get_rng_state(),
+            "position": [position.day, position.batch],
+            "examples": examples,
+            "batches": batches,
+            "metrics_offset": self.run.metrics_offset(),
+        }
+        self.run.save_checkpoint(state, name)
+
+    def restore(self, device: str) -> tuple[ReaderPosition | None, int, int]:
+        """Load ``last.pt`` if there is one: ``(position, examples, batches)``."""
+        state = self.run.load_checkpoint("last", map_location=device)
+        if state is None:
+            self.run.truncate_metrics(0)
+            return None, 0, 0
+        self.model.load_state_dict(state["model"])
+        self.optimizers.load_state_dict(state["optimizers"])
+        self.progressive.load_state_dict(state["progressive"])
+        torch.set_rng_state(state["rng"])
+        self.run.truncate_metrics(state["metrics_offset"])
+        return ReaderPosition(*state["position"]), state["examples"], state["batches"]
+
+
+def train(
+    config: TrainConfig, run_dir: str | Path, *, resume: bool = False, show_progress: bool = True
+) -> TrainResult:
+    """Train ``config.model`` one pass over ``config.train_days``, then evaluate ``config.eval_days``."""
+    dataset = open_dataset(config.data)
+    tasks = model_tasks(config, dataset)
+    model = build_for_run(config, dataset)
+    optimizers = Optimizers(model, config.dense_optimizer, config.sparse_optimizer)
+    objective = SupervisedObjective(tasks, [dataset.schema.tasks.index(t) for t in tasks])
+    progressive = ProgressiveNE(tasks, dataset.manifest.domains, config.progressive_window)
+    run = RunDirectory(run_dir)
+    run.create(config.to_yaml(), resume)
+    checkpointer = _Checkpointer(run, model, optimizers, progressive)
+    position, examples, batches = checkpointer.restore(config.device) if resume else (None, 0, 0)
+
+    reader = StreamReader(
+        dataset,
+        config.train_day_list,
+        config.batch_size,
+        start=position,
+        prefetch=config.prefetch,
+        device=config.device,
+    )
+    batches_per_day = {d: math.ceil(dataset.day(d).rows / config.batch_size) for d in config.train_day_list}
+    bar = tqdm(total=reader.total_rows, unit="ex", unit_scale=True, disable=not show_progress, desc="train")
+    interval_start, interval_examples = time.perf_counter(), 0
+    model.train()
+    for batch in reader:
+        logits = model(batch, heads=model.serving_heads)
+        loss = objective(logits, batch)
+        optimizers.zero_grad()
+        loss.backward()
+        optimizers.step()
+        progressive.update(stack_logits(logits, tasks).detach(), objective.labels(batch), batch.domain)
+
+        examples += batch.size
+        batches += 1
+        interval_examples += batch.size
+        bar.update(batch.size)
+        position = ReaderPosition(batch.day, batch.index_in_day + 1)
+        day_end = position.batch == batches_per_day[batch.day]
+        if batches % config.log_every == 0 or day_end:
+            elapsed = time.perf_counter() - interval_start
+            record = {
+                "event": "day_end" if day_end else "progress",
+                "day": batch.day,
+                "batch": batch.index_in_day,
+                "examples": examples,
+                "loss": loss.item(),
+                "examples_per_s": interval_examples / max(elapsed, 1e-9),
+                "progressive": progressive.snapshot(),
+            }
+            run.log(record)
+            bar.set_postfix(day=batch.day, ne=_cumulative_ne(record, tasks[0]))
+            interval_start, interval_examples = time.perf_counter(), 0
+        if day_end:
+            checkpointer.save(position, examples, batches)
+            checkpointer.save(position, examples, batches, name=f"day-{batch.day:02d}")
+        elif config.checkpoint_every and batches % config.checkpoint_every == 0:
+            checkpointer.save(position, examples, batches)
+    bar.close()
+
+    evaluations = {}
+    for day in config.eval_days:
+        evaluations[day] = evaluate_day(model, dataset, day, tasks, config.batch_size, config.device)
+        run.log(
+            {
+                "event": "eval",
+                "day": day,
+                "trained_through": config.train_days[1],
+                **_as_dicts(evaluations[day]),
+            }
+        )
+    run.write_summary(
+        {
+            "examples": examples,
+            "trained_through": config.train_days[1],
+            "eval": {str(day): _as_dicts(result)["metrics"] for day, result in evaluations.items()},
+        }
+    )
+    return TrainResult(run_dir=run.root, model=model, examples=examples, evaluations=evaluations)
+
+
+@torch.no_grad()
+def evaluate_day(
+    model: RecModel, dataset: Dataset, day: int, tasks: list[str], batch_size: int = 4096, device: str = "cpu"
+) -> dict[str, dict[str, MetricSet]]:
+    """Exact metrics of the model's serving heads on one day: ``result[task]["all" | domain]``."""
+    label_index = torch.tensor([dataset.schema.tasks.index(t) for t in tasks])
+    metrics = StreamingMetrics(tasks, dataset.manifest.domains)
+    was_training = model.training
+    model.eval()
+    for batch in StreamReader(dataset, [day], batch_size, device=device):
+        logits = stack_logits(model(batch, heads=tasks), tasks)
+        metrics.update(
+            logits, batch.labels.index_select(1, label_index.to(batch.labels.device)), batch.domain
+        )
+    model.train(was_training)
+    return metrics.result()
+
+
+def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:
+    return {"metrics": {task: {k: m.to_dict() for k, m in per.items()} for task, per in result.items()}}
+
+
+def _cumulative_ne(record: dict, task: str) -> str:
+    ne = record["progressive"]["tasks"][task]["cumulative"]["all"]["ne"]
+    return "n/a" if ne is None else f"{ne:.4f}"

@@ -1,0 +1,87 @@
+"""Shared fixtures: a tiny hand-built dataset in the exfm format (no ingest or synth needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from exfm.data.dataset import (
+    atomic_output_dir,
+    build_manifest,
+    day_boundaries,
+    partition_arrow_schema,
+    summarize_day,
+    write_day,
+    write_manifest,
+)
+from exfm.data.hashing import stable_hash
+from exfm.schema import Schema, parse_schema
+
+TINY_SCHEMA = {
+    "name": "tiny",
+    "features": [
+        {"name": "user", "type": "categorical", "buckets": 50},
+        {"name": "item", "type": "categorical", "buckets": 40},
+        {"name": "cate", "type": "categorical", "buckets": 10},
+        {"name": "hist", "type": "sequence", "max_len": 5, "embedding": "item"},
+        {"name": "price", "type": "numeric", "transform": "log1p_standardize"},
+        {"name": "score", "type": "numeric", "transform": "standardize", "fill": 0.5},
+    ],
+    "labels": [{"name": "click"}, {"name": "like"}],
+    "time": {"column": "ts", "unit": "s"},
+    "domain": {"column": "dom"},
+    "passthrough": ["p_click"],
+    "split": {"mode": "calendar", "days": 4, "start": "2026-01-01"},
+}
+
+
+def tiny_schema() -> Schema:
+    return parse_schema(TINY_SCHEMA, "tiny")
+
+
+def make_tiny_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, seed: int = 0) -> Path:
+    """Write a small random dataset directly in the partition format; returns its directory."""
+    schema = tiny_schema().model_copy(update={"split": tiny_schema().split.model_copy(update={"days": days})})
+    rng = np.random.default_rng(seed)
+    bounds = day_boundaries(schema.split, 0, 0)
+    entries = []
+    with atomic_output_dir(out) as staging:
+        for day in range(1, days + 1):
+            n = rows_per_day
+            time_us = np.sort(rng.integers(bounds[day - 1], bounds[day], n))
+            item = rng.integers(1, 30, n)
+            hist_len = rng.integers(0, 6, n)
+            hist = [list(stable_hash([str(v) for v in rng.integers(1, 30, k)])) for k in hist_len]
+            price = rng.lognormal(3, 1, n).astype(np.float32)
+            price[rng.random(n) < 0.1] = np.nan
+            p_click = 1 / (1 + np.exp(-(np.log(price + 1) - 3 + (item % 3 == 0))))
+            p_click = np.nan_to_num(p_click, nan=0.1)
+            click = (rng.random(n) < p_click).astype(np.int8)
+            table = pa.table(
+                {
+                    "_time": time_us,
+                    "user": stable_hash(rng.integers(1, 100, n)),
+                    "item": stable_hash(item),
+                    "cate": stable_hash(item % 7),
+                    "hist": pa.array(hist, pa.list_(pa.int64())),
+                    "price": pa.array(price, pa.float32(), from_pandas=True),
+                    "score": rng.normal(day, 1, n).astype(np.float32),
+                    "click": click,
+                    "like": (click & (rng.random(n) < 0.3)).astype(np.int8),
+                    "_domain": rng.choice(["a", "b", "c"], n),
+                    "p_click": p_click.astype(np.float32),
+                },
+                schema=partition_arrow_schema(schema),
+            )
+            files = [write_day(staging, day, table.slice(0, n // 2), 0), write_day(staging, day, table.slice(n // 2), 1)]
+            entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
+        write_manifest(staging, schema, build_manifest(schema, "test", entries))
+    return out
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    return make_tiny_dataset(tmp_path / "tiny")

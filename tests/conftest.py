@@ -76,7 +76,10 @@ def make_tiny_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, seed: 
                 },
                 schema=partition_arrow_schema(schema),
             )
-            files = [write_day(staging, day, table.slice(0, n // 2), 0), write_day(staging, day, table.slice(n // 2), 1)]
+            files = [
+                write_day(staging, day, table.slice(0, n // 2), 0),
+                write_day(staging, day, table.slice(n // 2), 1),
+            ]
             entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
         write_manifest(staging, schema, build_manifest(schema, "test", entries))
     return out

@@ -30,7 +30,7 @@ from exfm.data.dataset import Dataset, open_dataset
 from exfm.data.reader import ReaderPosition, StreamReader
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
-from exfm.train.config import TrainConfig
+from exfm.train.config import TrainConfig, load_train_config
 from exfm.train.metrics import MetricSet, ProgressiveNE, StreamingMetrics
 from exfm.train.objective import SupervisedObjective
 from exfm.train.optim import Optimizers
@@ -200,6 +200,23 @@ def evaluate_day(
         )
     model.train(was_training)
     return metrics.result()
+
+
+def evaluate_checkpoint(
+    run_dir: str | Path, day: int, checkpoint: str = "last", device: str = "cpu"
+) -> dict[str, dict[str, MetricSet]]:
+    """Evaluate the model of a run's checkpoint (``last``, ``day-04``, ...) on one day."""
+    run = RunDirectory(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
+    config = load_train_config(run.config_path, {"device": device})
+    state = run.load_checkpoint(checkpoint, map_location=device)
+    if state is None:
+        raise FileNotFoundError(f"{run.checkpoints}: no checkpoint named {checkpoint!r}")
+    dataset = open_dataset(config.data)
+    model = build_for_run(config, dataset)
+    model.load_state_dict(state["model"])
+    return evaluate_day(model, dataset, day, model_tasks(config, dataset), config.batch_size, device)
 
 
 def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:

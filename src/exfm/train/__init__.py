@@ -1,0 +1,1 @@
+"""One-pass streaming training, progressive evaluation, checkpoint / resume and metrics."""

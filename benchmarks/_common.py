@@ -46,3 +46,53 @@ def write_result(benchmark: str, metrics: dict[str, dict], extra: dict | None = 
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def write_random_dataset(out: Path, rows: int, days: int = 4, categorical: int = 20, numeric: int = 0, seed: int = 0):
+    """A dataset of ``categorical`` Zipf-ish id fields (and ``numeric`` floats), one label, in exfm's format.
+
+    Used where a benchmark needs a fixed field count (e.g. FM with 20 sparse fields).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    from exfm.data.dataset import (
+        atomic_output_dir,
+        build_manifest,
+        day_boundaries,
+        partition_arrow_schema,
+        summarize_day,
+        write_day,
+        write_manifest,
+    )
+    from exfm.schema import parse_schema
+
+    schema = parse_schema(
+        {
+            "name": f"random{categorical}",
+            "features": [{"name": f"c{i}", "type": "categorical", "buckets": 100_000} for i in range(categorical)]
+            + [{"name": f"n{i}", "type": "numeric", "transform": "standardize"} for i in range(numeric)],
+            "labels": [{"name": "click"}],
+            "time": {"column": "ts"},
+            "split": {"days": days, "start": "2026-01-01"},
+        }
+    )
+    rng = np.random.default_rng(seed)
+    bounds = day_boundaries(schema.split, 0, 0)
+    per_day = rows // days
+    entries = []
+    with atomic_output_dir(out, overwrite=True) as staging:
+        for day in range(1, days + 1):
+            columns = {"_time": np.sort(rng.integers(bounds[day - 1], bounds[day], per_day))}
+            for i in range(categorical):
+                ids = np.minimum(rng.zipf(1.3, per_day), 1 << 40).astype(np.int64)
+                columns[f"c{i}"] = (ids * 2_654_435_761 + i) % (1 << 62) + 1  # distinct nonzero hashes
+            for i in range(numeric):
+                columns[f"n{i}"] = rng.normal(size=per_day).astype(np.float32)
+            logit = -2.0 + 0.5 * (columns["c0"] % 3 == 0) - 0.5 * (columns["c1"] % 5 == 0)
+            columns["click"] = (rng.random(per_day) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+            table = pa.table(columns, schema=partition_arrow_schema(schema))
+            files = [write_day(staging, day, table)]
+            entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
+        write_manifest(staging, schema, build_manifest(schema, "benchmark", entries))
+    return out

@@ -162,7 +162,7 @@ def write_day(out_dir: Path, day: int, table: pa.Table, part: int = 0) -> str:
     relative = f"{day_dir_name(day)}/part-{part:05d}.parquet"
     path = out_dir / relative
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=65_536, compression="zstd")
+    pq.write_table(table, path, row_group_size=65_536, compression="snappy")
     return relative
 
 
@@ -266,4 +266,3 @@ def open_dataset(root: str | Path) -> Dataset:
     if schema.fingerprint() != manifest.schema_fingerprint:
         raise DatasetError(f"{root}: schema.yaml does not match the manifest's schema fingerprint")
     return Dataset(root=root, schema=schema, manifest=manifest)
-

@@ -298,7 +298,7 @@ def _bucket_rows(single: np.ndarray, categorical) -> torch.Tensor:
 def _float_column(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """A float column as float32 numpy with NaN for nulls."""
     filled = pc.fill_null(pc.cast(column, pa.float32()), float("nan"))
-    return np.array(filled, dtype=np.float32)
+    return np.array(filled.to_numpy(zero_copy_only=False), dtype=np.float32, copy=True)
 
 
 def _add_missing_columns(chunk: pa.RecordBatch, columns: list[str]) -> pa.RecordBatch:

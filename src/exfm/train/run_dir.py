@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,18 @@ class RunDirectory:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         return path
+
+    def keep_checkpoint(self, name: str, source: str = "last") -> Path:
+        """Keep ``checkpoints/<source>.pt`` also as ``<name>.pt`` (a hard link where possible: no copy)."""
+        src, dst = self.checkpoints / f"{source}.pt", self.checkpoints / f"{name}.pt"
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        return dst
 
     def load_checkpoint(self, name: str = "last", map_location: str | torch.device = "cpu") -> dict | None:
         """The checkpoint's content, or None if there is none yet."""

@@ -39,12 +39,13 @@ from exfm.train.run_dir import RunDirectory
 
 @dataclass
 class TrainResult:
-    """What a finished run produced."""
+    """What a finished run produced (``checkpoint_seconds``: time spent writing checkpoints)."""
 
     run_dir: Path
     model: RecModel
     examples: int
     evaluations: dict[int, dict[str, dict[str, MetricSet]]]
+    checkpoint_seconds: float = 0.0
 
 
 def model_tasks(config: TrainConfig, dataset: Dataset) -> list[str]:
@@ -127,6 +128,7 @@ def train(
     batches_per_day = {d: math.ceil(dataset.day(d).rows / config.batch_size) for d in config.train_day_list}
     bar = tqdm(total=reader.total_rows, unit="ex", unit_scale=True, disable=not show_progress, desc="train")
     interval_start, interval_examples = time.perf_counter(), 0
+    checkpoint_seconds = 0.0
     model.train()
     for batch in reader:
         logits = model(batch, heads=model.serving_heads)
@@ -156,11 +158,12 @@ def train(
             run.log(record)
             bar.set_postfix(day=batch.day, ne=_cumulative_ne(record, tasks[0]))
             interval_start, interval_examples = time.perf_counter(), 0
-        if day_end:
+        if day_end or (config.checkpoint_every and batches % config.checkpoint_every == 0):
+            saving = time.perf_counter()
             checkpointer.save(position, examples, batches)
-            checkpointer.save(position, examples, batches, name=f"day-{batch.day:02d}")
-        elif config.checkpoint_every and batches % config.checkpoint_every == 0:
-            checkpointer.save(position, examples, batches)
+            if day_end:
+                run.keep_checkpoint(f"day-{batch.day:02d}")
+            checkpoint_seconds += time.perf_counter() - saving
     bar.close()
 
     evaluations = {}
@@ -181,7 +184,7 @@ def train(
             "eval": {str(day): _as_dicts(result)["metrics"] for day, result in evaluations.items()},
         }
     )
-    return TrainResult(run_dir=run.root, model=model, examples=examples, evaluations=evaluations)
+    return TrainResult(run.root, model, examples, evaluations, checkpoint_seconds)
 
 
 @torch.no_grad()

@@ -152,9 +152,7 @@ def test_ne_hand_computation_and_exact_cases():
 
     y = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # base rate 0.2
     base = math.log(0.2 / 0.8)
-    m = compute_metrics(
-        y, torch.full((10,), base, dtype=torch.float64)
-    )  # predicting the base rate: NE = 1 exactly
+    m = compute_metrics(y, torch.full((10,), base, dtype=torch.float64))  # predicting the base rate: NE = 1 exactly
     assert m.ne == pytest.approx(1.0, rel=1e-12)
     assert m.calibration == pytest.approx(1.0, rel=1e-12)
     sharp = compute_metrics(y, (y * 2 - 1) * 20)  # near-perfect predictions
@@ -269,9 +267,7 @@ def test_progressive_cumulative_and_window_are_exact():
             exact = _expected(logits, labels, domain, mask, t, name, d)
             got = cumulative[task][name]
             assert math.isnan(got.auc)
-            _same(
-                got, MetricSet(got.auc, exact.logloss, exact.ne, exact.calibration, exact.n, exact.positives)
-            )
+            _same(got, MetricSet(got.auc, exact.logloss, exact.ne, exact.calibration, exact.n, exact.positives))
             _same(recent[task][name], _expected(*tail, t, name, d))
     snap = pne.snapshot()
     json.dumps(snap, allow_nan=False)
@@ -308,9 +304,7 @@ def test_progressive_without_domains_or_mask():
 
 def test_unchecked_unknown_domain_counts_in_all_only():
     sm = StreamingMetrics(["click"], ["a"], check_inputs=False)
-    sm.update(
-        torch.tensor([[0.5], [-0.5], [1.0]]), torch.tensor([[1.0], [0.0], [0.0]]), torch.tensor([0, 7, -1])
-    )
+    sm.update(torch.tensor([[0.5], [-0.5], [1.0]]), torch.tensor([[1.0], [0.0], [0.0]]), torch.tensor([0, 7, -1]))
     res = sm.result()["click"]
     assert (res["all"].n, res["a"].n) == (3, 1)
     _same(res["all"], compute_metrics([1.0, 0.0, 0.0], [0.5, -0.5, 1.0]))

@@ -6,12 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import make_tiny_dataset
 
 from exfm.data.dataset import open_dataset
 from exfm.data.hashing import bucketize
 from exfm.data.reader import ReaderPosition, StreamReader
-
-from conftest import make_tiny_dataset
 
 
 def _all(reader: StreamReader):
@@ -105,7 +104,7 @@ def test_prefetch_matches_inline_and_forwards_errors(tiny_dataset):
     assert len(inline) == len(threaded)
     assert all(torch.equal(a.sparse.values, b.sparse.values) for a, b in zip(inline, threaded, strict=True))
     (ds.day_files(2)[1]).write_bytes(b"not parquet")
-    with pytest.raises(Exception, match="(?i)parquet|magic"):
+    with pytest.raises(Exception, match=r"(?i)parquet|magic"):
         _all(StreamReader(ds, [1, 2], batch_size=77, prefetch=3))
 
 

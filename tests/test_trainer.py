@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_dataset
 
 from exfm.train.config import ConfigError, load_train_config, parse_train_config
 from exfm.train.run_dir import RunDirectory
 from exfm.train.trainer import evaluate_checkpoint, train
-
-from conftest import make_tiny_dataset
 
 
 def _config(data: Path, **changes) -> dict:

@@ -306,8 +306,7 @@ def _add_missing_columns(chunk: pa.RecordBatch, columns: list[str]) -> pa.Record
     if chunk.num_columns == len(columns):
         return chunk
     arrays = [
-        chunk.column(name) if name in chunk.schema.names else pa.nulls(chunk.num_rows, pa.float32())
-        for name in columns
+        chunk.column(name) if name in chunk.schema.names else pa.nulls(chunk.num_rows, pa.float32()) for name in columns
     ]
     return pa.RecordBatch.from_arrays(arrays, names=columns)
 

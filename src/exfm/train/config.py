@@ -9,7 +9,7 @@ Example (``configs/synthetic_fm.yaml``)::
     eval_days: [5]                    # evaluated after training
     batch_size: 4096
     dense_optimizer: {name: adam, lr: 0.001}
-    sparse_optimizer: {name: adagrad, lr: 0.05}
+    sparse_optimizer: {name: rowwise_adagrad, lr: 0.05}
     checkpoint_every: 500             # batches (0 = only at day ends)
 """
 
@@ -42,13 +42,15 @@ class DenseOptimizerConfig(_Strict):
 
 
 class SparseOptimizerConfig(_Strict):
-    """Row-wise optimizer of the embedding tables (only the rows a batch touches are updated).
+    """Optimizer of the embedding tables; only the rows a batch touches are updated.
 
-    ``adagrad``: ``torch.optim.Adagrad`` on sparse gradients; ``adam``: ``torch.optim.SparseAdam``
-    (lazy Adam: moments of a row advance only when the row is used).
+    ``rowwise_adagrad`` (default): one Adagrad accumulator per row (fbgemm's exact row-wise
+    Adagrad, :class:`exfm.train.optim.RowWiseAdagrad`), the fastest on CPU; ``adagrad``:
+    ``torch.optim.Adagrad`` on sparse gradients (one accumulator per element); ``adam``:
+    ``torch.optim.SparseAdam`` (lazy Adam: a row's moments advance only when the row is used).
     """
 
-    name: Literal["adagrad", "adam"] = "adagrad"
+    name: Literal["rowwise_adagrad", "adagrad", "adam"] = "rowwise_adagrad"
     lr: float = Field(0.05, gt=0)
 
 
@@ -74,9 +76,7 @@ class TrainConfig(_Strict):
     def _days_in_order(self) -> TrainConfig:
         first, last = self.train_days
         if not 1 <= first <= last:
-            raise ValueError(
-                f"train_days must be [first, last] with 1 <= first <= last, got {list(self.train_days)}"
-            )
+            raise ValueError(f"train_days must be [first, last] with 1 <= first <= last, got {list(self.train_days)}")
         return self
 
     @property

@@ -289,9 +289,7 @@ class MetricSet:
         return out
 
     @classmethod
-    def from_sums(
-        cls, n: float, positives: float, sum_prob: float, sum_bce: float, auc: float = math.nan
-    ) -> MetricSet:
+    def from_sums(cls, n: float, positives: float, sum_prob: float, sum_bce: float, auc: float = math.nan) -> MetricSet:
         """Build from running sums: entries, ``Σ y``, ``Σ σ(z)``, ``Σ BCE`` (+ an AUC if known)."""
         n, positives, sum_prob, sum_bce = float(n), float(positives), float(sum_prob), float(sum_bce)
         if n <= 0:
@@ -410,9 +408,7 @@ def _prepare(
         flags = torch.stack([bad_label, bad_domain]).tolist()  # the one host sync
         if flags[0]:
             found = labels[mask & (labels != 0) & (labels != 1)][0].item()
-            raise ValueError(
-                f"labels must be 0 or 1 where mask is set (mask out missing labels), found {found}"
-            )
+            raise ValueError(f"labels must be 0 or 1 where mask is set (mask out missing labels), found {found}")
         if flags[1]:
             found = domain[(domain < -1) | (domain >= num_domains)][0].item()
             raise ValueError(f"domain indices must lie in [-1, {num_domains - 1}], found {found}")
@@ -688,9 +684,7 @@ class ProgressiveNE:
         device = _accumulator_device(torch.as_tensor(logits).device)
         if self._sums.device != device:
             self._sums = self._sums.to(device)
-        batch = _prepare(
-            logits, labels, domain, mask, len(self.tasks), len(self.domains), device, self.check_inputs
-        )
+        batch = _prepare(logits, labels, domain, mask, len(self.tasks), len(self.domains), device, self.check_inputs)
         self._sums += _batch_sums(batch, self._num_bins)
         rows = batch.logits.shape[0]
         self.examples += rows

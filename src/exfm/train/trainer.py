@@ -70,9 +70,7 @@ def stack_logits(logits: dict[str, torch.Tensor], tasks: list[str]) -> torch.Ten
 class _Checkpointer:
     """Saves and restores the whole training state of a run."""
 
-    def __init__(
-        self, run: RunDirectory, model: RecModel, optimizers: Optimizers, progressive: ProgressiveNE
-    ):
+    def __init__(self, run: RunDirectory, model: RecModel, optimizers: Optimizers, progressive: ProgressiveNE):
         self.run, self.model, self.optimizers, self.progressive = run, model, optimizers, progressive
 
     def save(self, position: ReaderPosition, examples: int, batches: int, name: str = "last") -> None:
@@ -102,9 +100,7 @@ class _Checkpointer:
         return ReaderPosition(*state["position"]), state["examples"], state["batches"]
 
 
-def train(
-    config: TrainConfig, run_dir: str | Path, *, resume: bool = False, show_progress: bool = True
-) -> TrainResult:
+def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train ``config.model`` one pass over ``config.train_days``, then evaluate ``config.eval_days``."""
     dataset = open_dataset(config.data)
     tasks = model_tasks(config, dataset)
@@ -198,9 +194,7 @@ def evaluate_day(
     model.eval()
     for batch in StreamReader(dataset, [day], batch_size, device=device):
         logits = stack_logits(model(batch, heads=tasks), tasks)
-        metrics.update(
-            logits, batch.labels.index_select(1, label_index.to(batch.labels.device)), batch.domain
-        )
+        metrics.update(logits, batch.labels.index_select(1, label_index.to(batch.labels.device)), batch.domain)
     model.train(was_training)
     return metrics.result()
 

@@ -40,7 +40,12 @@ def demo_configs(data: Path, device: str = "cpu") -> dict[str, TrainConfig]:
             {**common, "model": {"name": "dcnv2", "embedding_dim": 16, "low_rank": 32, "deep_hidden": [256, 128]}}
         ),
         "student FM (VM)": parse_train_config(
-            {**common, "model": {"name": "fm", "embedding_dim": 16, "features": student_features}}
+            {
+                **common,
+                "model": {"name": "fm", "embedding_dim": 16, "features": student_features},
+                # FM's dense parameters are its heads alone: a higher rate calibrates them sooner.
+                "dense_optimizer": {"name": "adam", "lr": 0.01},
+            }
         ),
     }
 

@@ -345,9 +345,7 @@ def _csv_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterato
         return "skip"
 
     tsv = source.kind == "tsv"
-    read_options = pv.ReadOptions(
-        column_names=_csv_header(source), use_threads=False, block_size=max(2 * budget.block_bytes, 1 << 20)
-    )
+    header = _csv_header(source)
     parse_options = pv.ParseOptions(
         delimiter="\t" if tsv else ",",
         quote_char=False if tsv else '"',
@@ -378,6 +376,8 @@ def _csv_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterato
                 line = 2
             if block:
                 malformed.clear()
+                # one pyarrow block per block, parsed serially: the handler then gets line numbers
+                read_options = pv.ReadOptions(column_names=header, use_threads=False, block_size=len(block) + 1)
                 try:
                     table = pv.read_csv(pa.BufferReader(block), read_options, parse_options, convert_options)
                 except pa.ArrowInvalid as exc:
@@ -435,7 +435,10 @@ class _Problem:
 def _with_bad_rows(
     array: pa.Array, convert: Callable[[pa.Array], pa.Array], required: bool
 ) -> tuple[pa.Array, np.ndarray | None]:
-    """Apply a vectorised ``convert``; if it fails, find the failing rows by bisection.
+    """Apply a vectorised ``convert``; if it fails, find the failing values by bisection.
+
+    The bisection runs over the distinct values, so a bad value repeated in many rows costs one
+    search, and a block with k bad values about k·log(N) small conversions.
 
     Returns:
         ``(converted [N], bad [N] bool or None)``: bad rows (and nulls if ``required``) are null
@@ -444,8 +447,11 @@ def _with_bad_rows(
     try:
         result, bad = convert(array), None
     except (pa.ArrowInvalid, _BadValue):
-        bad = np.zeros(len(array), dtype=bool)
-        _bisect_bad(array, convert, 0, bad)
+        encoded = pc.dictionary_encode(array)
+        bad_values = np.zeros(len(encoded.dictionary), dtype=bool)
+        _bisect_bad(encoded.dictionary, convert, 0, bad_values)
+        indices = encoded.indices
+        bad = bad_values[pc.fill_null(indices, 0).to_numpy()] & indices.is_valid().to_numpy(zero_copy_only=False)
         result = convert(pc.if_else(pa.array(bad), pa.scalar(None, array.type), array))
     if required and result.null_count:
         missing = result.is_null().to_numpy(zero_copy_only=False)
@@ -454,6 +460,7 @@ def _with_bad_rows(
 
 
 def _bisect_bad(array: pa.Array, convert: Callable[[pa.Array], pa.Array], offset: int, bad: np.ndarray) -> None:
+    """Set ``bad[offset + i]`` for each value ``i`` of ``array`` that ``convert`` rejects."""
     try:
         convert(array)
     except (pa.ArrowInvalid, _BadValue):
@@ -469,14 +476,17 @@ def _is_text(array: pa.Array) -> bool:
     return pa.types.is_string(array.type) or pa.types.is_large_string(array.type)
 
 
+def _is_number(array: pa.Array) -> bool:
+    kind = array.type
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+
+
 def _to_float32(array: pa.Array) -> pa.Array:
     """Text or numbers -> float32; NaN becomes null; infinities (or float32 overflow) are bad."""
-    if _is_text(array):
-        values = pc.cast(array, pa.float32())
-    elif pa.types.is_integer(array.type) or pa.types.is_floating(array.type) or pa.types.is_boolean(array.type):
+    if _is_number(array):
         values = pc.cast(array, pa.float32(), safe=False)
     else:
-        values = pc.cast(pc.cast(array, pa.string()), pa.float32())
+        values = pc.cast(array if _is_text(array) else pc.cast(array, pa.string()), pa.float32())
     if pc.any(pc.is_inf(values)).as_py():
         raise _BadValue
     if pc.any(pc.is_nan(values)).as_py():
@@ -531,11 +541,11 @@ def _time_converter(schema: Schema, array_type: pa.DataType) -> Callable[[pa.Arr
 
 def _to_label(array: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """0/1/true/false (any case) -> ``(int8 [N], bad [N])``; nulls are bad."""
-    if not _is_text(array):
+    if _is_number(array):
         values = pc.cast(array, pa.float64()).to_numpy(zero_copy_only=False)
         bad = ~((values == 0) | (values == 1))
         return np.where(bad, 0, values).astype(np.int8), bad
-    encoded = pc.dictionary_encode(array)
+    encoded = pc.dictionary_encode(array if _is_text(array) else pc.cast(array, pa.string()))
     words = encoded.dictionary.to_pylist()
     table = np.array([_LABEL_WORDS.get(w.lower(), -1) for w in words] + [-1], dtype=np.int8)
     codes = table[pc.fill_null(encoded.indices, len(words)).to_numpy()]

@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import gzip
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 import exfm.data.ingest as ingest_module
 from exfm.data.dataset import open_dataset, partition_arrow_schema
@@ -287,6 +288,45 @@ def test_small_blocks_keep_data_and_line_numbers_exact(tmp_path: Path, monkeypat
             assert [(r["line"], r["column"]) for r in csv.DictReader(handle)] == [("11", ""), ("30", ""), ("45", "clk")]
 
 
+def test_millisecond_times_may_be_decimals(tmp_path: Path) -> None:
+    schema = make_schema(time={"column": "ts", "unit": "ms"})
+    texts = [str(T0 * 1000), f"{T0 * 1000 + 1}.5", f"{T0 * 1000 + 2}"]
+    rows = [[f"u{i}", t, "1", "", "1", "0", "a", "0", "x"] for i, t in enumerate(texts)]
+    ingest(schema, write_csv(tmp_path / "data.csv", rows), tmp_path / "out", show_progress=False)
+    assert read_day(tmp_path / "out", 1)["_time"].to_pylist() == [T0 * 10**6, T0 * 10**6 + 1500, T0 * 10**6 + 2000]
+
+
+def test_the_documented_example_schema_and_command(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "schema.md").read_text()
+    schema = parse_schema(yaml.safe_load(text.split("```yaml\n", 1)[1].split("```", 1)[0]), "docs/schema.md")
+    assert schema.split.start == date(2017, 5, 6) and schema.feature("hist_cate").embedding == "cate_id"
+    header = ["user", "time_stamp", "adgroup_id", "cate_id", "brand", "pid", "price", "cate_history", "clk"]
+    header.append("new_user_class_level")
+    start = int(datetime(2017, 5, 6, tzinfo=ZoneInfo("Asia/Shanghai")).timestamp())
+    rng = np.random.default_rng(7)
+    rows = [
+        [
+            *(str(rng.integers(1, n)) for n in (50, 90, 9)),
+            "NULL" if i % 5 == 0 else str(rng.integers(1, 30)),
+            "430548_1007",
+            f"{rng.lognormal(4, 1):.2f}",
+            "|".join(str(c) for c in rng.integers(1, 9, 60)),
+            str(int(rng.random() < 0.1)),
+            str(i % 3 + 1),
+        ]
+        for i in range(64)
+    ]
+    for i, row in enumerate(rows):  # every 3 hours from 2017-05-06 00:00 in Shanghai
+        row.insert(1, str(start + i * 3 * 3600))
+    rows[9][8] = "clicked"
+    manifest = ingest(
+        schema, write_csv(tmp_path / "joined-1.csv", rows, header), tmp_path / "taobao", on_bad_row="skip"
+    )
+    assert [d.rows for d in manifest.days] == [8, 7, 8, 8, 8, 8, 8, 8]
+    assert manifest.rejected_rows == 1 and manifest.domains == ["1", "2", "3"]
+    assert {len(h) for h in read_all(tmp_path / "taobao")["hist_cate"].to_pylist()} == {50}
+
+
 # --- bad input -----------------------------------------------------------------------------------
 GOOD = "u1,{t},1,,1.5,0,a,0.5,x"
 
@@ -320,6 +360,15 @@ def test_bad_rows_raise_with_file_line_and_column(tmp_path: Path, bad_line: str,
     with pytest.raises(IngestError, match=message):
         ingest(make_schema(), _bad_file(tmp_path, bad_line), out, show_progress=False)
     assert siblings(out) == ["data.csv"]  # no output, no staging directory
+
+
+def test_bad_parquet_rows_name_the_row(tmp_path: Path) -> None:
+    rows = make_rows(5)
+    table = pa.table({name: [r[i] for r in rows] for i, name in enumerate(HEADER)})
+    table = table.set_column(5, "clk", pa.array([0, 1, 2, 0, 1], pa.int64()))
+    pq.write_table(table, tmp_path / "d.parquet")
+    with pytest.raises(IngestError, match=r"d\.parquet:row 3: column 'clk': expected 0 or 1.*got '2'"):
+        ingest(make_schema(), tmp_path / "d.parquet", tmp_path / "out", show_progress=False)
 
 
 def test_bad_rows_are_found_by_the_time_range_scan_too(tmp_path: Path) -> None:
@@ -404,9 +453,10 @@ def test_out_of_range_rows_are_dropped_and_counted_or_an_error(tmp_path: Path) -
     assert manifest.dropped_out_of_range == 2 and manifest.rows == 38
 
     schema = make_schema(split={"mode": "calendar", "days": 3, "start": "2026-01-01", "out_of_range": "error"})
-    with pytest.raises(IngestError, match=r"data\.csv:7: column 'ts': time 2025-12-31T23:59:59\+00:00 is outside"):
-        ingest(schema, path, tmp_path / "strict", show_progress=False)
-    assert not (tmp_path / "strict").exists()
+    for mode in ("error", "skip"):
+        with pytest.raises(IngestError, match=r"data\.csv:7: column 'ts': time 2025-12-31T23:59:59\+00:00 is outside"):
+            ingest(schema, path, tmp_path / "strict", on_bad_row=mode, show_progress=False)
+        assert not (tmp_path / "strict").exists()
 
 
 # --- causality -----------------------------------------------------------------------------------

@@ -16,21 +16,31 @@ so the bucket count can change without re-ingesting.
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 MISSING_HASH = 0
 
 
+def _hash_texts(texts: list[str]) -> np.ndarray:
+    """``[N]`` int64 hashes of ids' texts: blake2b-64 of the UTF-8 bytes, read little-endian."""
+    blake2b = hashlib.blake2b
+    digests = b"".join(blake2b(text.encode(), digest_size=8).digest() for text in texts)
+    hashes = np.frombuffer(digests, dtype="<i8").astype(np.int64)
+    hashes[hashes == MISSING_HASH] = 1
+    hashes[[not text for text in texts]] = MISSING_HASH
+    return hashes
+
+
 def hash_text(value: str) -> int:
     """The stable signed 64-bit hash of one id's text (0 only for the empty string)."""
-    if value == "":
-        return MISSING_HASH
-    h = int.from_bytes(hashlib.blake2b(value.encode(), digest_size=8).digest(), "little", signed=True)
-    return h if h != MISSING_HASH else 1
+    return int(_hash_texts([value])[0])
 
 
 def stable_hash(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.ndarray:
@@ -49,7 +59,7 @@ def stable_hash(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.nd
     for chunk in array.chunks:
         encoded = pc.dictionary_encode(chunk)
         dictionary = encoded.dictionary.to_pylist()
-        table = np.fromiter((hash_text(v) for v in dictionary), dtype=np.int64, count=len(dictionary))
+        table = _hash_texts(dictionary)
         indices = encoded.indices
         codes = table[pc.fill_null(indices, 0).to_numpy()] if len(table) else np.zeros(len(chunk), np.int64)
         if indices.null_count:
@@ -61,5 +71,7 @@ def stable_hash(values: pa.Array | pa.ChunkedArray | np.ndarray | list) -> np.nd
 
 def bucketize(hashes: torch.Tensor, buckets: int) -> torch.Tensor:
     """Map stored int64 hashes ``[...]`` to bucket ids in ``[0, buckets)`` (0 = missing)."""
+    import torch  # here, so that ingest and synth do not pay torch's import
+
     ids = torch.remainder(hashes, buckets - 1).add_(1)
     return ids.masked_fill_(hashes == MISSING_HASH, 0)

@@ -109,7 +109,7 @@ def ingest(
             ``out/rejects.csv`` (``file, line, column, reason, raw``).
         overwrite: replace an existing ``out`` (only once the new dataset is complete).
         memory_limit_mb: the working-memory budget; it sizes the read blocks, the sort's memory
-            limit (half of it) and the largest part file per day (a quarter of it).
+            limit (half of it) and the part files (a new one each eighth of it); at least 256.
         show_progress: show tqdm progress bars (rows/s) on stderr.
 
     Returns:
@@ -117,9 +117,10 @@ def ingest(
 
     Raises:
         IngestError: a missing input file or column, an unsupported file type, a bad row (in
-            ``"error"`` mode), a row outside days 1..N (with ``split.out_of_range: error``), or no
-            valid row from which to derive the day boundaries.
+            ``"error"`` mode), a row outside days 1..N (with ``split.out_of_range: error``), no
+            valid row from which to derive the day boundaries, or a sort that ran out of memory.
         exfm.data.dataset.DatasetError: ``out`` exists and ``overwrite`` is false.
+        ValueError: an unknown ``on_bad_row`` or a ``memory_limit_mb`` below 256.
     """
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
@@ -320,7 +321,8 @@ def _read_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterat
         if source.kind == "parquet":
             row = 1
             for batch in pq.ParquetFile(source.path).iter_batches(batch_size=budget.parquet_rows, columns=columns):
-                batch = pa.RecordBatch.from_arrays([_decoded(a) for a in batch.columns], names=batch.schema.names)
+                arrays = [_empty_as_null(_decoded(a)) for a in batch.columns]
+                batch = pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
                 yield _Block(batch, np.arange(row, row + batch.num_rows, dtype=np.int64), [])
                 row += batch.num_rows
         else:
@@ -408,6 +410,13 @@ def _row_lines(first: int, rows: int, malformed: list[_Malformed]) -> np.ndarray
 def _decoded(array: pa.Array) -> pa.Array:
     """A dictionary-encoded column (e.g. a pandas categorical) as plain values."""
     return array.dictionary_decode() if pa.types.is_dictionary(array.type) else array
+
+
+def _empty_as_null(array: pa.Array) -> pa.Array:
+    """Empty strings of a Parquet text column as nulls, as the CSV reader reads empty fields."""
+    if not _is_text(array):
+        return array
+    return pc.if_else(pc.equal(array, ""), pa.scalar(None, array.type), array)
 
 
 def _all_null(batch: pa.RecordBatch) -> np.ndarray:
@@ -599,19 +608,16 @@ def _convert(schema: Schema, batch: pa.RecordBatch) -> _Converted:
     arrays: dict[str, pa.Array] = {}
     problems: list[_Problem] = []
 
-    def column(name: str) -> pa.Array:
-        return batch.column(name)
-
     def note(raw: str, bad: np.ndarray | None, expected: str) -> None:
         if bad is not None and bad.any():
             problems.append(_Problem(raw, bad, expected))
 
-    raw_time = column(schema.time.column)
+    raw_time = batch.column(schema.time.column)
     time_us, bad = _with_bad_rows(raw_time, _time_converter(schema, raw_time.type), required=True)
     note(schema.time.column, bad, _UNIT_TEXT[schema.time.unit])
     arrays[TIME_COLUMN] = pc.fill_null(time_us, 0)
     for feature in schema.features:
-        raw = column(feature.source)
+        raw = batch.column(feature.source)
         if feature.type == "categorical":
             arrays[feature.name] = pa.array(stable_hash(raw), pa.int64())
         elif feature.type == "sequence":
@@ -620,14 +626,14 @@ def _convert(schema: Schema, batch: pa.RecordBatch) -> _Converted:
             arrays[feature.name], bad = _with_bad_rows(raw, _to_float32, required=False)
             note(feature.source, bad, "a finite number or an empty field")
     for label in schema.labels:
-        values, bad = _to_label(column(label.source))
+        values, bad = _to_label(batch.column(label.source))
         arrays[label.name] = pa.array(values, pa.int8())
         note(label.source, bad, "0 or 1 (or true/false)")
     if schema.domain is not None:
-        raw = column(schema.domain.column)
+        raw = batch.column(schema.domain.column)
         arrays[DOMAIN_COLUMN] = pc.fill_null(raw if _is_text(raw) else pc.cast(raw, pa.string()), "")
     for name in schema.passthrough:
-        arrays[name], bad = _with_bad_rows(column(name), _to_float32, required=False)
+        arrays[name], bad = _with_bad_rows(batch.column(name), _to_float32, required=False)
         note(name, bad, "a finite number or an empty field")
     return _Converted(arrays, arrays[TIME_COLUMN].to_numpy(), problems)
 
@@ -880,15 +886,16 @@ def _split_into_days(
                 found += _malformed_rejects(block.malformed)
                 days = assign_days(converted.time_us, boundaries)
                 outside = keep & (days == 0)
+                out_of_range = []  # with out_of_range: error, such a row stops the ingest in both modes
                 if range_error and outside.any():
                     row = int(np.argmax(outside))
                     time_text = _format_us(int(converted.time_us[row]))
                     reason = f"time {time_text} is outside {days_text}"
-                    found.append(_Reject(int(lines[row]), schema.time.column, reason, time_text))
+                    out_of_range.append(_Reject(int(lines[row]), schema.time.column, reason, time_text))
                 if strict:
-                    _raise_first(source, found)
-                else:
-                    rejects.write(source, found)
+                    _raise_first(source, found + out_of_range)
+                rejects.write(source, found)
+                _raise_first(source, out_of_range)
                 dropped += int(outside.sum())
                 spill.add(converted.arrays, keep & ~outside, days)
                 bar.update(rows)

@@ -1,4 +1,4 @@
-"""Shared building blocks of the model zoo: MLP, DCNv2 cross layers, FM pairwise interaction.
+"""Shared building blocks of the model zoo: MLP, DCN and DCNv2 cross layers, FM pairwise interaction.
 
 Every block maps float tensors to float tensors and owns no embedding (those live in
 :class:`exfm.models.embedding.EmbeddingCollection`), so any model composes them freely.
@@ -110,6 +110,44 @@ class CrossNetV2(nn.Module):
             CrossLayerV2(dim) if low_rank is None else LowRankMixtureCrossLayer(dim, low_rank, num_experts)
             for _ in range(num_layers)
         )
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for layer in self.layers:
+            x = layer(x0, x)
+        return x
+
+
+class CrossLayerV1(nn.Module):
+    """DCN cross layer (Wang et al. 2017, Eq. 3): a rank-one feature cross in O(D).
+
+    ``x_{l+1} = x_0 (x_lᵀ w) + b + x_l`` with ``w, b ∈ R^D``.
+    Init: Xavier-uniform ``w``, zero ``b``. Shapes: ``x0, x: [B, D] → [B, D]``.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Linear(dim, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(dim))
+        nn.init.xavier_uniform_(self.weight.weight)
+
+    def forward(self, x0: Tensor, x: Tensor) -> Tensor:
+        return x0 * self.weight(x) + self.bias + x
+
+
+class CrossNetV1(nn.Module):
+    """A stack of DCN cross layers (:class:`CrossLayerV1`): ``x_{l+1} = cross_l(x_0, x_l)``, returns ``x_L``.
+
+    Args:
+        dim: D, the width of ``x_0``.
+        num_layers: L (0 = the identity).
+
+    Shapes: ``[B, D] → [B, D]``.
+    """
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(CrossLayerV1(dim) for _ in range(num_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
         x = x0

@@ -18,13 +18,20 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from exfm.data.batch import Batch, KeyedJagged
 from exfm.models.base import RecModel
+from exfm.models.dcn import DCNModel
 from exfm.models.dcnv2 import DCNv2Model
+from exfm.models.deepfm import DeepFMModel
+from exfm.models.dlrm import DLRMModel
+from exfm.models.dmin import DMINModel
 from exfm.models.fm import FMModel
+from exfm.models.fmfm import FmFMModel
+from exfm.models.multitask import MultiTaskModel
+from exfm.models.two_tower import TwoTowerModel
 from exfm.schema import Schema, format_validation_error
 
 
@@ -72,8 +79,190 @@ class DCNv2Config(_ModelConfigBase):
         )
 
 
-ModelConfig = Annotated[FMConfig | DCNv2Config, Field(discriminator="name")]
-MODEL_CONFIGS: dict[str, type[_ModelConfigBase]] = {"fm": FMConfig, "dcnv2": DCNv2Config}
+class DCNConfig(_ModelConfigBase):
+    """:class:`~exfm.models.dcn.DCNModel`."""
+
+    name: Literal["dcn"] = "dcn"
+    num_cross_layers: int = Field(3, ge=0)
+    deep_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 128])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    head_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return DCNModel(
+            schema,
+            tasks,
+            self.embedding_dim,
+            self.features,
+            num_cross_layers=self.num_cross_layers,
+            deep_hidden=self.deep_hidden,
+            dropout=self.dropout,
+            head_hidden=self.head_hidden,
+        )
+
+
+class DMINConfig(_ModelConfigBase):
+    """:class:`~exfm.models.dmin.DMINModel`."""
+
+    name: Literal["dmin"] = "dmin"
+    sequence: str | None = Field(None, description="the attended sequence feature; None = the first selected")
+    num_heads: int = Field(2, gt=0, description="heads of the behaviour refiner")
+    head_dim: int | None = Field(None, gt=0, description="width of each refiner head; None = embedding_dim / num_heads")
+    num_interests: int = Field(4, gt=0, description="interests (heads of the multi-interest extractor)")
+    interest_dim: int | None = Field(None, gt=0, description="width of each interest; None = embedding_dim")
+    position_dim: int = Field(8, ge=0, description="width of the learned recency embedding; 0 = none")
+    attention_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [80, 40], min_length=1)
+    causal: bool = Field(False, description="causal self-attention (the paper's is not)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    deep_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 128])
+    head_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _heads_divide_embedding(self) -> DMINConfig:
+        if self.head_dim is None and self.embedding_dim % self.num_heads:
+            raise ValueError(
+                f"embedding_dim {self.embedding_dim} is not a multiple of num_heads {self.num_heads}; set head_dim"
+            )
+        return self
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return DMINModel(
+            schema,
+            tasks,
+            self.embedding_dim,
+            self.features,
+            sequence=self.sequence,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            num_interests=self.num_interests,
+            interest_dim=self.interest_dim,
+            position_dim=self.position_dim,
+            attention_hidden=self.attention_hidden,
+            causal=self.causal,
+            dropout=self.dropout,
+            deep_hidden=self.deep_hidden,
+            head_hidden=self.head_hidden,
+        )
+
+
+class FmFMConfig(_ModelConfigBase):
+    """:class:`~exfm.models.fmfm.FmFMModel`."""
+
+    name: Literal["fmfm"] = "fmfm"
+    variant: Literal["vectorized", "matrixed"] = Field("matrixed", description="k-vector or k×k matrix per pair")
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return FmFMModel(schema, tasks, self.embedding_dim, self.features, self.variant)
+
+
+class DeepFMConfig(_ModelConfigBase):
+    """:class:`~exfm.models.deepfm.DeepFMModel`."""
+
+    name: Literal["deepfm"] = "deepfm"
+    deep_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 128], min_length=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return DeepFMModel(
+            schema, tasks, self.embedding_dim, self.features, deep_hidden=self.deep_hidden, dropout=self.dropout
+        )
+
+
+class DLRMConfig(_ModelConfigBase):
+    """:class:`~exfm.models.dlrm.DLRMModel`."""
+
+    name: Literal["dlrm"] = "dlrm"
+    bottom_hidden: list[Annotated[int, Field(gt=0)]] = Field(
+        default_factory=lambda: [64], description="bottom MLP widths before its embedding_dim output"
+    )
+    top_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 128])
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return DLRMModel(
+            schema,
+            tasks,
+            self.embedding_dim,
+            self.features,
+            bottom_hidden=self.bottom_hidden,
+            top_hidden=self.top_hidden,
+        )
+
+
+class TwoTowerConfig(_ModelConfigBase):
+    """:class:`~exfm.models.two_tower.TwoTowerModel`; ``features`` is unused (each tower names its own)."""
+
+    name: Literal["two_tower"] = "two_tower"
+    user_features: list[str] = Field(min_length=1)
+    item_features: list[str] = Field(min_length=1)
+    tower_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [128, 64])
+    output_dim: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0.0, description="logit = <u, i> / temperature")
+    bias: bool = Field(True, description="a learned bias per task head")
+    learn_head_weights: bool = Field(False, description="per-task weights <u, w_task * i> instead of 1/temperature")
+
+    @model_validator(mode="after")
+    def _towers_name_the_features(self) -> TwoTowerConfig:
+        if self.features is not None:
+            raise ValueError("features is unused by two_tower: set user_features and item_features")
+        shared = sorted(set(self.user_features) & set(self.item_features))
+        if shared:
+            raise ValueError(f"feature(s) {shared} are in both towers")
+        return self
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return TwoTowerModel(
+            schema,
+            tasks,
+            self.user_features,
+            self.item_features,
+            self.embedding_dim,
+            tower_hidden=self.tower_hidden,
+            output_dim=self.output_dim,
+            temperature=self.temperature,
+            bias=self.bias,
+            learn_head_weights=self.learn_head_weights,
+        )
+
+
+_SingleModelConfig = (
+    FMConfig | FmFMConfig | DeepFMConfig | DLRMConfig | TwoTowerConfig | DCNv2Config | DCNConfig | DMINConfig
+)
+BackboneConfig = Annotated[_SingleModelConfig, Field(discriminator="name")]
+"""Every config of a single model: what a multi-task model's shared bottom may be."""
+
+
+class MultiTaskConfig(BaseModel):
+    """:class:`~exfm.models.multitask.MultiTaskModel`: a shared ``bottom`` and one tower per task."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["multitask"] = "multitask"
+    bottom: BackboneConfig = Field(description="the shared bottom (its features, embeddings and backbone)")
+    tower_hidden: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [64])
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout in the towers")
+
+    @model_validator(mode="after")
+    def _towers_are_the_heads(self) -> MultiTaskConfig:
+        if getattr(self.bottom, "head_hidden", None):
+            raise ValueError("bottom.head_hidden is unused: the towers are the task heads (set tower_hidden)")
+        return self
+
+    def build(self, schema: Schema, tasks: Sequence[str]) -> RecModel:
+        return MultiTaskModel(self.bottom.build(schema, tasks), self.tower_hidden, self.dropout)
+
+
+ModelConfig = Annotated[_SingleModelConfig | MultiTaskConfig, Field(discriminator="name")]
+MODEL_CONFIGS: dict[str, type[BaseModel]] = {
+    "fm": FMConfig,
+    "fmfm": FmFMConfig,
+    "deepfm": DeepFMConfig,
+    "dlrm": DLRMConfig,
+    "two_tower": TwoTowerConfig,
+    "dcnv2": DCNv2Config,
+    "dcn": DCNConfig,
+    "dmin": DMINConfig,
+    "multitask": MultiTaskConfig,
+}
 _MODEL_CONFIG_ADAPTER: TypeAdapter[ModelConfig] = TypeAdapter(ModelConfig)
 
 

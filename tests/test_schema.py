@@ -62,7 +62,7 @@ def test_schema_yaml_round_trip_and_fingerprint(tmp_path):
 def test_stable_hash_is_the_same_in_another_process_and_run():
     values = ["alice", "bob", "123", "", "日本", "x" * 100]
     here = stable_hash(values).tolist()
-    code = f"import json; from exfm.data.hashing import stable_hash; print(json.dumps(stable_hash({values!r}).tolist()))"
+    code = f"import json; from exfm.data.hashing import stable_hash as h; print(json.dumps(h({values!r}).tolist()))"
     for seed in ("1", "2"):  # Python's own str hash differs between these processes; ours must not
         env = {"PYTHONHASHSEED": seed, "PATH": ""}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)

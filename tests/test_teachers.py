@@ -304,7 +304,9 @@ def test_target_attention_pools_valid_items_only():
 
 def interest_arch(causal: bool = False, max_len: int = 20) -> MultiInterestArch:
     torch.manual_seed(0)
-    return MultiInterestArch(8, max_len, 2, 4, 3, 4, 4, [8, 4], causal=causal).eval()
+    arch = MultiInterestArch(8, max_len, 2, 4, 3, 4, 4, [8, 4], causal=causal).eval()
+    torch.nn.init.normal_(arch.position.weight)  # recency matters (its init of N(0, 0.01²) hides it)
+    return arch
 
 
 def test_recency_counts_real_items_after_each_slot():
@@ -322,6 +324,7 @@ def test_dmin_interests_ignore_padding_content_and_length(causal):
     reference = arch(clean, mask, target)
     assert reference.shape == (4, 12)
     assert torch.allclose(arch(x, mask, target), reference, atol=1e-6)  # garbage in the padding
+    assert torch.equal(arch.refine(x, mask)[~mask], torch.zeros(int((~mask).sum()), 8))
     long, long_mask = padded_sequences(lengths, 20, 8, seed=1)  # padded to 20, other garbage
     long[:, :5] = torch.where(mask.unsqueeze(-1), x, long[:, :5])
     assert torch.allclose(arch(long, long_mask, target), reference, atol=1e-6)
@@ -348,6 +351,9 @@ def test_dmin_refiner_is_causal_only_when_asked():
 def test_dmin_model_padding_length_does_not_change_the_output(name):
     short = build(name, max_len=6).eval()
     long = build(name, max_len=20).eval()
+    with torch.no_grad():  # large embeddings: recency and attention visibly move the output
+        torch.nn.init.normal_(short.interests.position.weight)
+        short.embedding.weight[1:].normal_()
     state = short.state_dict()
     position = "interests.position.weight"
     padded_table = long.state_dict()[position].clone()

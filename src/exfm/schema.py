@@ -32,11 +32,23 @@ from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class SchemaError(ValueError):
     """A schema file is missing, unparsable or invalid; the message names the field."""
+
+
+def _check_zone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Asia/Shanghai')") from exc
+    return value
+
+
+TimeZoneName = Annotated[str, AfterValidator(_check_zone)]
+"""An IANA time zone name such as ``Asia/Shanghai``."""
 
 
 class _Strict(BaseModel):
@@ -120,12 +132,7 @@ class TimeColumn(_Strict):
 
     column: str
     unit: Literal["s", "ms", "us", "iso"] = "s"
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        return _check_zone(value)
+    timezone: TimeZoneName = "UTC"
 
 
 class DomainColumn(_Strict):
@@ -146,14 +153,9 @@ class DaySplit(_Strict):
 
     mode: Literal["calendar", "equal_spans"] = "calendar"
     days: int = Field(8, gt=0)
-    timezone: str = "UTC"
+    timezone: TimeZoneName = "UTC"
     start: date | None = None
     out_of_range: Literal["drop", "error"] = "drop"
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        return _check_zone(value)
 
 
 class Schema(_Strict):
@@ -232,14 +234,6 @@ class Schema(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
 
 
-def _check_zone(value: str) -> str:
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {value!r} (use an IANA name such as 'Asia/Shanghai')") from exc
-    return value
-
-
 def format_validation_error(error: ValidationError, origin: str) -> str:
     """One line per problem: ``origin: field.path: message``."""
     lines = []
@@ -257,13 +251,17 @@ def parse_schema(data: object, origin: str = "<schema>") -> Schema:
         raise SchemaError(format_validation_error(exc, origin)) from None
 
 
-def load_schema(path: str | Path) -> Schema:
-    """Read and validate a schema YAML file."""
+def read_yaml(path: str | Path, error: type[ValueError]) -> object:
+    """Parse a YAML file, raising ``error`` with the path for a missing or unparsable file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SchemaError(f"{path}: schema file not found") from None
+        raise error(f"{path}: file not found") from None
     except yaml.YAMLError as exc:
-        raise SchemaError(f"{path}: not valid YAML: {exc}") from None
-    return parse_schema(data, str(path))
+        raise error(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_schema(path: str | Path) -> Schema:
+    """Read and validate a schema YAML file."""
+    return parse_schema(read_yaml(path, SchemaError), str(path))

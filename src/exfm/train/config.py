@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exfm.models.registry import ModelConfig
-from exfm.schema import format_validation_error
+from exfm.schema import format_validation_error, read_yaml
 
 
 class ConfigError(ValueError):
@@ -99,13 +99,7 @@ def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainC
 
     A relative ``data`` path is resolved against the current directory.
     """
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})

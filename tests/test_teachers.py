@@ -133,6 +133,16 @@ def collection_of(model: RecModel) -> EmbeddingCollection:
     return collection
 
 
+def loud(model: RecModel) -> RecModel:
+    """Embeddings and recency embeddings ~ N(0, 1): attention and recency visibly move the output."""
+    with torch.no_grad():
+        collection_of(model).weight[1:].normal_()
+        for module in model.modules():
+            if isinstance(module, MultiInterestArch):
+                torch.nn.init.normal_(module.position.weight)
+    return model.eval()
+
+
 # --- every teacher: the RecModel interface ------------------------------------------------------
 
 
@@ -305,7 +315,7 @@ def test_target_attention_pools_valid_items_only():
 def interest_arch(causal: bool = False, max_len: int = 20) -> MultiInterestArch:
     torch.manual_seed(0)
     arch = MultiInterestArch(8, max_len, 2, 4, 3, 4, 4, [8, 4], causal=causal).eval()
-    torch.nn.init.normal_(arch.position.weight)  # recency matters (its init of N(0, 0.01²) hides it)
+    torch.nn.init.normal_(arch.position.weight)  # recency visibly matters (N(0, 0.01²) hides it)
     return arch
 
 
@@ -349,11 +359,8 @@ def test_dmin_refiner_is_causal_only_when_asked():
 
 @pytest.mark.parametrize("name", ["dmin", "dmin-causal"])
 def test_dmin_model_padding_length_does_not_change_the_output(name):
-    short = build(name, max_len=6).eval()
+    short = loud(build(name, max_len=6))
     long = build(name, max_len=20).eval()
-    with torch.no_grad():  # large embeddings: recency and attention visibly move the output
-        torch.nn.init.normal_(short.interests.position.weight)
-        short.embedding.weight[1:].normal_()
     state = short.state_dict()
     position = "interests.position.weight"
     padded_table = long.state_dict()[position].clone()
@@ -367,7 +374,7 @@ def test_dmin_model_padding_length_does_not_change_the_output(name):
 @pytest.mark.parametrize("name", ["dmin", "dmin-causal", "multitask-dmin"])
 def test_dmin_examples_do_not_leak_into_each_other(name):
     """An example's output is the same alone and next to other examples' sequences and padding."""
-    model = build(name).eval()
+    model = loud(build(name))
     batch = random_batch(8)
     together = model(batch)["click"]
     single = batch.sparse.single_ids()
@@ -396,7 +403,7 @@ def test_dmin_empty_and_missing_items():
     sum(v.sum() for v in logits.values()).backward()
     assert all(torch.isfinite(p.grad.to_dense()).all() for p in model.parameters() if p.grad is not None)
 
-    model.eval()
+    loud(model)
     with_missing = model(make_batch(single, [[3, 0, 4], [0], [0, 0, 5]]))["click"]
     without = model(make_batch(single, [[3, 4], [], [5]]))["click"]
     assert torch.allclose(with_missing, without, atol=1e-6)

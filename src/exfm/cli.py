@@ -7,6 +7,7 @@
     exfm train  --config configs/synthetic_fm.yaml --run-dir runs/fm      # one pass, checkpoints
     exfm train  --config configs/synthetic_fm.yaml --run-dir runs/fm --resume
     exfm eval   --run runs/fm --day 6                                      # exact next-day metrics
+    exfm models                                                            # the zoo: params, FLOPs
     exfm demo                                                              # the whole story, small
 
 Every command prints a clear error (file, row, field) and exits with status 2 on bad input
@@ -79,6 +80,26 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     metrics = evaluate_checkpoint(args.run, args.day, checkpoint=args.checkpoint, device=args.device)
     print(format_eval_table({f"{args.run} @ {args.checkpoint} (day {args.day})": metrics}, by_domain=args.by_domain))
+
+
+def _cmd_models(args: argparse.Namespace) -> None:
+    from exfm.data.dataset import open_dataset
+    from exfm.data.synth import synthetic_schema
+    from exfm.experiments.zoo import synthetic_zoo
+    from exfm.models.registry import build_model, count_parameters, flops_per_example
+
+    schema = open_dataset(args.data).schema if args.data else synthetic_schema()
+    header = ("model", "role", "sparse params", "dense params", "dense MACs/ex", "lookups/ex")
+    rows = []
+    for name, entry in synthetic_zoo(schema, args.embedding_dim).items():
+        model = build_model(entry.config, schema, schema.tasks)
+        params, cost = count_parameters(model), flops_per_example(model, schema)
+        rows.append((name, entry.role, f"{params.sparse:,}", f"{params.dense:,}", f"{cost.dense_macs:,}",
+                     f"{cost.lookup_rows:,}"))  # fmt: skip
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print(f"schema {schema.name!r}, embedding dim {args.embedding_dim}, tasks {schema.tasks}")
+    for row in [header, *rows]:
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -159,6 +180,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--by-domain", action="store_true", help="also print one row per domain")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "models",
+        help="list the model zoo with parameter counts and per-example compute",
+        description="Build every model of the zoo (teachers: DCN, DCNv2, DMIN, multi-task; students: FM, FmFM, "
+        "DeepFM, DLRM, two-tower) for a schema and print sparse (embedding) and dense parameter counts, dense "
+        "multiply-adds per example and embedding rows gathered per example. Teachers see every feature; students "
+        "do not see the synthetic stream's teacher-only features.",
+    )
+    p.add_argument("--data", help="a dataset directory whose schema to use (default: the synthetic schema)")
+    p.add_argument("--embedding-dim", type=int, default=16, help="embedding width (default 16)")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser(
         "demo",

@@ -97,7 +97,7 @@ class MultiInterestArch(nn.Module):
     def forward(self, sequence: Tensor, mask: Tensor, target: Tensor) -> Tensor:
         interests = self.extractor(self.refine(sequence, mask), mask)  # [B, H_I, L, d_I]
         query = self.target_projection(target).view(-1, self.num_interests, self.interest_dim)
-        positions = None if self.position is None else self.position(mask.shape[1] - 1 - torch.arange(mask.shape[1])).unsqueeze(0)
+        positions = None if self.position is None else self.position(recency(mask)).unsqueeze(1)
         return self.target_attention(interests, query, mask.unsqueeze(1), positions).flatten(1)
 
 

@@ -1,0 +1,1 @@
+"""Experiments on top of data, models and training: model-zoo presets, the paper's protocol."""

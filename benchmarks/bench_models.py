@@ -37,6 +37,12 @@ def inference_rate(model, batches) -> float:
     return sum(b.size for b in batches) / (time.perf_counter() - start)
 
 
+def _flatten(evaluation) -> dict[str, float]:
+    """``{task: {"all": MetricSet}} -> {"click_auc": ..., "click_ne": ..., ...}``."""
+    keys = ("auc", "logloss", "ne", "calibration")
+    return {f"{task}_{key}": getattr(per["all"], key) for task, per in evaluation.items() for key in keys}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--full", action="store_true", help="1M rows instead of 300k")
@@ -81,8 +87,7 @@ def main() -> None:
                     "role": entry.role,
                     "sparse_params": params.sparse,
                     "dense_params": params.dense,
-                    **{f"{task}_{k}": getattr(m["all"], k) for task, m in result.evaluations[5].items()
-                       for k in ("auc", "logloss", "ne", "calibration")},  # fmt: skip
+                    **_flatten(result.evaluations[5]),
                     "train_examples_per_s": train_rate,
                     "infer_examples_per_s": infer_rate,
                 }

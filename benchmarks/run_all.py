@@ -1,7 +1,7 @@
 """Run every benchmark of benchmarks/ in turn (one subprocess each, OMP_NUM_THREADS=1).
 
-    python benchmarks/run_all.py          # quick sizes, well under 10 minutes on 2 cores
-    python benchmarks/run_all.py --full   # real sizes
+python benchmarks/run_all.py          # quick sizes, well under 10 minutes on 2 cores
+python benchmarks/run_all.py --full   # real sizes
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def masked_softmax(scores: Tensor, allowed: Tensor) -> Tensor:
 
     Shapes: ``scores [..., L]``, ``allowed`` bool broadcastable to it → ``[..., L]``.
     """
-    filled = scores + (~allowed).float()
+    filled = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
     return filled.softmax(dim=-1) * allowed
 
 

@@ -116,7 +116,7 @@ def test_fmfm_with_identity_transforms_is_fm(variant):
     randomise_embeddings(fm, fmfm)
     transform = fmfm.interaction.transform
     pairs = fmfm.interaction.num_pairs
-    identity = torch.ones(pairs, 1, 8) if variant == "vectorized" else torch.eye(8).expand(pairs, 8, 8)
+    identity = torch.ones(pairs, 8) if variant == "vectorized" else torch.eye(8).expand(pairs, 8, 8)
     assert torch.equal(transform, identity)
     batch = random_batch(8, missing=True)
     with torch.no_grad():
@@ -141,7 +141,7 @@ def test_field_pair_interaction_follows_the_paper(variant):
     pairs = [(f, g) for f in range(5) for g in range(f + 1, 5)]
     for p, (f, g) in enumerate(pairs):
         if variant == "vectorized":
-            expected += fields[:, f] * block.transform[p, 0] * fields[:, g]
+            expected += fields[:, f] * block.transform[p] * fields[:, g]
         else:
             expected += (fields[:, f] @ block.transform[p]) * fields[:, g]
     assert torch.allclose(block(fields), expected, atol=1e-5)

@@ -117,7 +117,9 @@ CONFIGS = {
     "dmin": DMINConfig(**SMALL_DMIN),
     "dmin-causal": DMINConfig(**SMALL_DMIN, causal=True, head_hidden=[8]),
     "dmin-cates-nopos": DMINConfig(embedding_dim=6, num_heads=4, head_dim=3, sequence="cates", position_dim=0),
-    "multitask-dcnv2": MultiTaskConfig(bottom=DCNv2Config(embedding_dim=8, deep_hidden=[16], low_rank=4), tower_hidden=[8]),
+    "multitask-dcnv2": MultiTaskConfig(
+        bottom=DCNv2Config(embedding_dim=8, deep_hidden=[16], low_rank=4), tower_hidden=[8]
+    ),
     "multitask-dcn": MultiTaskConfig(bottom=DCNConfig(embedding_dim=8, deep_hidden=[16]), tower_hidden=[]),
     "multitask-dmin": MultiTaskConfig(bottom=DMINConfig(**SMALL_DMIN), tower_hidden=[8, 4], dropout=0.1),
 }
@@ -385,7 +387,7 @@ def test_dmin_examples_do_not_leak_into_each_other(name):
     for b in range(8):
         alone = model(make_batch(single[b : b + 1], hist[b : b + 1], cates[b : b + 1], batch.dense[b : b + 1]))
         assert torch.allclose(alone["click"][0], together[b], atol=1e-6)
-    other = [(list(reversed(h)) + [7, 8])[-6:] for h in hist]  # other examples' items and lengths
+    other = [[*reversed(h), 7, 8][-6:] for h in hist]  # other examples' items and lengths
     changed = model(make_batch(single, [hist[0], *other[1:]], cates, batch.dense))["click"]
     assert torch.allclose(changed[0], together[0], atol=1e-6)
     assert not torch.allclose(changed[1:], together[1:])
@@ -504,7 +506,7 @@ def test_teacher_configs_parse_and_reject_mistakes():
     assert isinstance(parse_model_config({"name": "multitask", "bottom": {"name": "fm"}}).bottom, FMConfig)
     with pytest.raises(ValueError, match=r"cfg: multitask\.bottom: Input tag 'multitask'"):
         parse_model_config({"name": "multitask", "bottom": {"name": "multitask", "bottom": {"name": "fm"}}}, "cfg")
-    with pytest.raises(ValueError, match="bottom.head_hidden is unused"):
+    with pytest.raises(ValueError, match=r"bottom\.head_hidden is unused"):
         parse_model_config({"name": "multitask", "bottom": {"name": "dcnv2", "head_hidden": [8]}})
     with pytest.raises(ValueError, match=r"multitask\.bottom: Field required"):
         parse_model_config({"name": "multitask"})

@@ -157,16 +157,18 @@ class TargetAttention(nn.Module):
         self.key_projection = nn.Linear(2 * dim, hidden[0], bias=False)
         self.query_projection = nn.Linear(dim, hidden[0])
         self.extra_projection = nn.Linear(extra_dim, hidden[0], bias=False) if extra_dim else None
-        self.activation = nn.Sequential(nn.ReLU(), nn.Dropout(dropout))
+        self.activation = nn.Sequential(nn.ReLU(inplace=True), nn.Dropout(dropout))
         self.scorer = MLP(hidden[0], hidden[1:], 1, dropout=dropout)
 
     def forward(self, keys: Tensor, query: Tensor, mask: Tensor, extra: Tensor | None = None) -> Tensor:
         query = query.unsqueeze(-2)
-        h = self.key_projection(torch.cat([keys, keys * query], dim=-1)) + self.query_projection(query)
+        # in place on the fresh [..., L, hidden[0]] activations (the largest tensors of the block)
+        h = self.key_projection(torch.cat([keys, keys * query], dim=-1))
+        h += self.query_projection(query)
         if self.extra_projection is not None:
             if extra is None:
                 raise ValueError("this TargetAttention was built with extra_dim > 0 and needs `extra`")
-            h = h + self.extra_projection(extra)
+            h += self.extra_projection(extra)
         scores = self.scorer(self.activation(h)).squeeze(-1)
         weights = masked_softmax(scores, mask)
         return torch.matmul(weights.unsqueeze(-2), keys).squeeze(-2)

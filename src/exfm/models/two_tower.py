@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exfm.data.batch import Batch, KeyedJagged
+from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP
 from exfm.models.embedding import EmbeddedFeatures, EmbeddingCollection, SequenceEmbedding
@@ -95,7 +95,10 @@ class ExportedTower(nn.Module):
         self._categorical_columns = [[f.name for f in schema.categorical].index(n) for n in self.single_features]
         self._numeric_columns = [[f.name for f in schema.numeric].index(n) for n in self.numeric_features]
         self._max_lens = [schema.feature(name).max_len for name in self.sequence_features]
-        offsets = collection.rows(_ones_batch(schema))[0] - 1
+        # ids 1 everywhere, full-length sequences: row - 1 is each slot's table base
+        from exfm.models.registry import _example_batch  # registry imports this module
+
+        offsets = collection.rows(_example_batch(schema, 1).to(self.weight.device))[0] - 1
         self.register_buffer("offsets", offsets, persistent=False)
 
     def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
@@ -117,25 +120,6 @@ class ExportedTower(nn.Module):
             pooled[name] = SequenceEmbedding(values[:, span], rows[:, span] != 0)
             start += max_len
         return self.mlp(EmbeddedFeatures(values[:, :num_single], pooled, dense).flat())
-
-
-def _ones_batch(schema: Schema) -> Batch:
-    """One example of ``schema`` with every id 1 and full-length sequences (rows - 1 = table bases)."""
-    lengths = [1] * len(schema.categorical) + [s.max_len for s in schema.sequences]
-    return Batch(
-        sparse=KeyedJagged(
-            keys=[f.name for f in schema.categorical] + [s.name for s in schema.sequences],
-            values=torch.ones(sum(lengths), dtype=torch.long),
-            lengths=torch.tensor(lengths, dtype=torch.int32),
-            stride=1,
-            num_single=len(schema.categorical),
-        ),
-        dense=torch.zeros(1, len(schema.numeric)),
-        labels=torch.zeros(1, len(schema.tasks)),
-        time_us=torch.zeros(1, dtype=torch.long),
-        domain=torch.full((1,), -1, dtype=torch.long),
-        day=1,
-    )
 
 
 class TwoTowerModel(RecModel):

@@ -8,6 +8,7 @@ Example (``configs/synthetic_fm.yaml``)::
     train_days: [1, 4]                # first and last day, inclusive, trained once in order
     eval_days: [5]                    # evaluated after training
     batch_size: 4096
+    distillation: {method: ah, loss_weight: 1.0, label_scale: 1.0, gradient_scale: 1.0}   # optional
     dense_optimizer: {name: adam, lr: 0.001}
     sparse_optimizer: {name: rowwise_adagrad, lr: 0.05}
     checkpoint_every: 500             # batches (0 = only at day ends)
@@ -54,6 +55,43 @@ class SparseOptimizerConfig(_Strict):
     lr: float = Field(0.05, gt=0)
 
 
+class StudentAdapterConfig(_Strict):
+    """The Student Adapter (SA, Algorithm 1): a small MLP that maps the FM's logit — and optionally a
+    few context features — to a corrected probability, trained on fresh labels only.
+
+    ``p_sa = σ(SA([logit(p_fm), context]))``; context features are numeric features of the schema
+    (their transformed values) or categorical ones (a small embedding of width ``context_dim``).
+    """
+
+    hidden: list[int] = Field(default_factory=lambda: [16], description="MLP widths; [] = affine recalibration")
+    context_features: list[str] = Field(default_factory=list)
+    context_dim: int = Field(4, gt=0, description="embedding width of a categorical context feature")
+    optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+
+
+class DistillationConfig(_Strict):
+    """How the vertical model learns from the logged FM predictions (DESIGN.md §1).
+
+    * ``none``: ``BCE(σ(h_s(x)), y)`` (Eq. 1).
+    * ``kd``: ``BCE(σ(h_s(x)), y) + LW·BCE(σ(h_s(x)), p_fm)`` (Eq. 2, single serving head).
+    * ``ah``: ``BCE(σ(h_s(x)), y) + LW·BCE(σ(h_d(GS(x))), min(LS·p_fm, 1))`` (Eq. 3–5).
+    * ``ah_sa``: the AH loss ``+ LW_sa·BCE(σ(h_a(x)), sg(p_sa))`` with the Student Adapter (Eq. 6–7).
+
+    Rows whose FM prediction is missing (NaN) train the serving head on their label only.
+    """
+
+    method: Literal["none", "kd", "ah", "ah_sa"] = "none"
+    loss_weight: float = Field(1.0, ge=0, description="LW: weight of the distillation term")
+    label_scale: float = Field(1.0, gt=0, description="LS: pseudo-label min(LS·p_fm, 1)")
+    gradient_scale: float = Field(1.0, ge=0, description="GS: backbone gradient from the distillation head × GS")
+    adapter_loss_weight: float = Field(1.0, ge=0, description="LW_sa: weight of the adapter head's term")
+    head_hidden: list[int] | None = Field(
+        None, description="MLP widths of the distillation and adapter heads; None = same as the serving head"
+    )
+    adapter: StudentAdapterConfig = StudentAdapterConfig()
+
+
 class TrainConfig(_Strict):
     """One one-pass streaming training job."""
 
@@ -63,6 +101,7 @@ class TrainConfig(_Strict):
     train_days: tuple[int, int] = Field(description="first and last training day, inclusive")
     eval_days: list[int] = Field(default_factory=list)
     batch_size: int = Field(4096, gt=0)
+    distillation: DistillationConfig = DistillationConfig()
     dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
     sparse_optimizer: SparseOptimizerConfig = SparseOptimizerConfig()
     checkpoint_every: int = Field(500, ge=0, description="batches between checkpoints; 0 = day ends only")

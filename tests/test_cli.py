@@ -14,7 +14,7 @@ from exfm.train.config import load_train_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["ingest"], ["train"], ["eval"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["synth"], ["ingest"], ["train"], ["eval"], ["models"], ["demo"]])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -56,6 +56,15 @@ def test_synth_ingest_train_eval(tmp_path, capsys):
     assert main(["eval", "--run", str(run), "--day", "4", "--checkpoint", "day-02", "--by-domain"]) == 0
     out = capsys.readouterr().out
     assert "day-02" in out and "search" in out
+
+
+def test_models_lists_the_zoo_with_parameters_and_compute(capsys):
+    assert main(["models", "--embedding-dim", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = {line.split()[0] for line in lines[2:]}
+    assert {"fm", "fmfm", "deepfm", "dlrm", "two_tower", "dcn", "dcnv2", "dmin", "multitask(dcnv2)"} <= names
+    fm = next(line.split() for line in lines if line.startswith("fm "))
+    assert fm[1] == "student" and int(fm[3].replace(",", "")) > 0
 
 
 def test_user_errors_exit_2_with_a_clear_message(tmp_path, capsys):

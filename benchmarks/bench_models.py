@@ -3,8 +3,9 @@
 For every model of :func:`exfm.experiments.zoo.synthetic_zoo` (teachers see every feature,
 students not the teacher-only ones), all three tasks: train with the exfm trainer on days 1-4
 (examples/s without checkpoint writing), evaluate day 5 exactly (AUC / LogLoss / NE /
-calibration of the click task), and time inference (forward, no grad, eval mode) over day 5's
-batches held in memory. One thread, batch 4096, embedding dim 16.
+calibration per task), and time inference (forward, no grad, eval mode) over day 5's batches
+(4096 rows) held in memory. One thread, embedding dim 16, each model's preset batch size and dense
+learning rate (``ZooEntry.train_settings``).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_models.py [--full] [--models fm,dcnv2]
 """
@@ -63,12 +64,10 @@ def main() -> None:
             config = parse_train_config(
                 {
                     "data": str(data),
-                    "model": entry.config.model_dump(),
+                    **entry.train_settings(),
                     "train_days": [1, 4],
                     "eval_days": [5],
                     "checkpoint_every": 0,
-                    # Students whose dense part is only their heads calibrate sooner with a higher rate.
-                    "dense_optimizer": {"lr": 0.01 if name == "fm" else 0.001},
                 }
             )
             start = time.perf_counter()

@@ -22,10 +22,18 @@ def test_every_command_has_help(command, capsys):
     assert "usage: exfm" in capsys.readouterr().out
 
 
-def test_example_configs_are_valid():
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        config = load_train_config(path)
-        assert config.train_days == (1, 4), path
+def test_example_configs_are_valid_and_match_the_zoo_presets():
+    from exfm.data.synth import synthetic_schema
+    from exfm.experiments.zoo import synthetic_zoo
+
+    zoo = synthetic_zoo(synthetic_schema())
+    for name in ("fm", "dcnv2"):
+        config = load_train_config(REPO / "configs" / f"synthetic_{name}.yaml")
+        preset = zoo[name].train_settings()
+        assert config.model.model_dump() == preset["model"], name
+        assert (
+            config.batch_size == preset["batch_size"] and config.dense_optimizer.lr == preset["dense_optimizer"]["lr"]
+        )
 
 
 def test_synth_ingest_train_eval(tmp_path, capsys):

@@ -20,7 +20,8 @@ import torch
 
 from exfm.data.dataset import MANIFEST_NAME, open_dataset
 from exfm.data.reader import StreamReader
-from exfm.data.synth import TEACHER_ONLY_FEATURES, synthesize
+from exfm.data.synth import synthesize
+from exfm.experiments.zoo import synthetic_zoo
 from exfm.train.config import TrainConfig, parse_train_config
 from exfm.train.metrics import ALL, MetricSet, StreamingMetrics
 from exfm.train.report import format_eval_table
@@ -31,22 +32,12 @@ EVAL_DAY = 5
 
 
 def demo_configs(data: Path, device: str = "cpu") -> dict[str, TrainConfig]:
-    """The teacher (FM) and student (VM) configs of the demo."""
-    schema = open_dataset(data).schema
-    student_features = [f.name for f in schema.features if f.name not in TEACHER_ONLY_FEATURES]
+    """The teacher (FM) and student (VM) configs of the demo: the zoo's DCNv2 and FM presets."""
+    zoo = synthetic_zoo(open_dataset(data).schema)
     common = {"data": str(data), "train_days": list(TRAIN_DAYS), "eval_days": [EVAL_DAY], "device": device}
     return {
-        "teacher DCNv2 (FM)": parse_train_config(
-            {**common, "model": {"name": "dcnv2", "embedding_dim": 16, "low_rank": 32, "deep_hidden": [256, 128]}}
-        ),
-        "student FM (VM)": parse_train_config(
-            {
-                **common,
-                "model": {"name": "fm", "embedding_dim": 16, "features": student_features},
-                # FM's dense parameters are its heads alone: a higher rate calibrates them sooner.
-                "dense_optimizer": {"name": "adam", "lr": 0.01},
-            }
-        ),
+        "teacher DCNv2 (FM)": parse_train_config({**common, **zoo["dcnv2"].train_settings()}),
+        "student FM (VM)": parse_train_config({**common, **zoo["fm"].train_settings()}),
     }
 
 

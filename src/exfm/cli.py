@@ -7,6 +7,9 @@
     exfm train  --config configs/synthetic_fm.yaml --run-dir runs/fm      # one pass, checkpoints
     exfm train  --config configs/synthetic_fm.yaml --run-dir runs/fm --resume
     exfm eval   --run runs/fm --day 6                                      # exact next-day metrics
+    exfm supervise --data D --out D2 --teacher-run runs/fm --days 5 6 7  # log FM predictions
+    exfm export runs/vm --out serving/vm                                   # the served model
+    exfm experiment theory --quick                                        # Theorems 3.1 and 3.2
     exfm models                                                            # the zoo: params, FLOPs
     exfm demo                                                              # the whole story, small
 
@@ -80,6 +83,35 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     metrics = evaluate_checkpoint(args.run, args.day, checkpoint=args.checkpoint, device=args.device)
     print(format_eval_table({f"{args.run} @ {args.checkpoint} (day {args.day})": metrics}, by_domain=args.by_domain))
+
+
+def _cmd_supervise(args: argparse.Namespace) -> None:
+    from exfm.distill.supervision import OracleTeacher, RunTeacher, log_supervision
+
+    if (args.teacher_run is None) == (args.oracle_shift is None):
+        raise ValueError("name exactly one teacher: --teacher-run RUN or --oracle-shift S")
+    teacher = (
+        RunTeacher(args.teacher_run, checkpoint=args.checkpoint, device=args.device)
+        if args.teacher_run
+        else OracleTeacher(shift=args.oracle_shift)
+    )
+    manifest = log_supervision(args.data, args.out, teacher, args.days, overwrite=args.overwrite)
+    print(f"wrote {manifest.rows:,} rows to {args.out} with {teacher.snapshot_id} predictions on days {args.days}")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from exfm.serving.export import export_run
+
+    manifest = export_run(args.run, args.out, args.checkpoint, data=args.data, onnx=not args.no_onnx,
+                          overwrite=args.overwrite)  # fmt: skip
+    print(f"exported {manifest['parameter_count']:,} parameters ({manifest['training_method']}) to {args.out}")
+
+
+def _cmd_experiment(args: argparse.Namespace) -> None:
+    from exfm.experiments.theory import format_theory_table, run_theory
+
+    result = run_theory(args.out, seeds=args.seeds, rows=args.rows, quick=args.quick)
+    print(format_theory_table(result))
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -180,6 +212,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--by-domain", action="store_true", help="also print one row per domain")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser(
+        "supervise",
+        help="log a teacher's predictions next to a dataset (batch supervision, fm:<task> columns)",
+        description="Write a copy of a dataset whose rows on the given days carry the teacher's predicted "
+        "probability per task (columns fm:<task>, with the snapshot id and its train-through time), which "
+        "`exfm train` with a distillation method reads. The teacher is a trained run (--teacher-run) or, on "
+        "the synthetic stream, the true probabilities with a known logit shift (--oracle-shift).",
+    )
+    p.add_argument("--data", required=True, help="the input dataset directory")
+    p.add_argument("--out", required=True, help="the output dataset directory")
+    p.add_argument("--days", required=True, type=int, nargs="+", help="the days to supervise, e.g. 5 6 7")
+    p.add_argument("--teacher-run", type=Path, help="a run directory of `exfm train` (the FM)")
+    p.add_argument("--checkpoint", default="day-04", help="the teacher's checkpoint (default day-04)")
+    p.add_argument("--oracle-shift", type=float, help="synthetic data only: true probabilities, logit + S")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_supervise)
+
+    p = sub.add_parser(
+        "export",
+        help="export a run's served model (backbone + serving heads) as a standalone artifact",
+        description="Write the served vertical model of a run: model.pt2 (torch.export; loads with torch "
+        "alone, without exfm), model.onnx where the ONNX export works, and manifest.json (schema fingerprint, "
+        "inputs, tasks, parameter count, training method). Training-only heads (auxiliary, adapter) are "
+        "dropped: an ExFM-trained model serves exactly like one trained without a teacher.",
+    )
+    p.add_argument("run", type=Path, help="run directory of `exfm train`")
+    p.add_argument("--out", required=True, type=Path, help="artifact directory")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name: last (default), day-04, ...")
+    p.add_argument("--data", help="the dataset directory, if it moved since training")
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "experiment",
+        help="run an experiment: `exfm experiment theory` checks Theorems 3.1 and 3.2",
+        description="theory: on the synthetic stream with several seeds, (3.1) a teacher with a known bias "
+        "distilled with kd vs ah vs none — does KD transfer the bias and AH keep the serving head calibrated? "
+        "(3.2) a stale teacher under drift with ah vs ah_sa — does the Student Adapter help? Prints means and "
+        "spreads and writes theory.json / theory.md.",
+    )
+    p.add_argument("name", choices=["theory"], help="the experiment")
+    p.add_argument("--out", default="runs/theory", type=Path, help="results directory (default runs/theory)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    p.add_argument("--rows", type=int, help="rows per synthetic stream (default 200k quick, 1M full)")
+    p.add_argument("--quick", action="store_true", help="the small setting (about 1.5 minutes for 3 seeds)")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser(
         "models",

@@ -16,7 +16,13 @@ from exfm.models.dcnv2 import DCNv2Model
 from exfm.models.deepfm import DeepFMInteraction, DeepFMModel
 from exfm.models.dlrm import DLRMModel, DotInteraction
 from exfm.models.dmin import DMINModel, MultiInterestArch
-from exfm.models.embedding import EmbeddedFeatures, EmbeddingCollection, SequenceEmbedding
+from exfm.models.embedding import (
+    EmbeddedFeatures,
+    EmbeddingCollection,
+    FeatureLayout,
+    FeatureTensors,
+    SequenceEmbedding,
+)
 from exfm.models.fm import FMModel
 from exfm.models.fmfm import FieldPairInteraction, FmFMModel
 from exfm.models.multitask import MultiTaskModel
@@ -69,6 +75,8 @@ __all__ = [
     "FMConfig",
     "FMInteraction",
     "FMModel",
+    "FeatureLayout",
+    "FeatureTensors",
     "FieldPairInteraction",
     "FmFMConfig",
     "FmFMModel",

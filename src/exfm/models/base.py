@@ -5,6 +5,11 @@
     x = model.backbone(batch)                     # [B, d], d = model.representation_dim
     logits = {name: head(x).squeeze(-1) for name, head in model.heads.items()}   # [B] each
 
+A backbone reads plain tensors: ``backbone(batch)`` converts the batch to
+:class:`~exfm.models.embedding.FeatureTensors` (:meth:`RecModel.feature_tensors`) and calls
+:meth:`RecModel.encode`, the one method a model implements. The exported serving model
+(:mod:`exfm.serving`) calls ``encode`` on the same tensors, so training and serving share one path.
+
 The heads a model creates for its tasks are its *serving heads* (``model.serving_heads``, one per
 task, named after it). The distillation layer adds training-only heads (auxiliary, adapter) with
 :meth:`RecModel.add_head` without touching the model's code; serving uses only the serving heads.
@@ -15,18 +20,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from torch import Tensor, nn
 
 from exfm.data.batch import Batch
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureLayout, FeatureTensors
 
 
 class RecModel(nn.Module, ABC):
     """Base class of all models: ``backbone(batch) -> [B, d]`` and heads ``[B, d] -> [B, 1]``.
 
-    Subclasses call ``super().__init__(tasks)``, build their backbone, set
-    ``representation_dim`` and add one serving head per task with :meth:`add_head`.
+    Subclasses call ``super().__init__(tasks)``, build their embedding collection(s) and backbone,
+    set ``representation_dim``, add one serving head per task with :meth:`add_head` and implement
+    :meth:`encode`.
 
     Attributes:
         serving_heads: the task names, in order; each has a head of the same name.
@@ -44,8 +51,46 @@ class RecModel(nn.Module, ABC):
         self.heads = nn.ModuleDict()
 
     @abstractmethod
-    def backbone(self, batch: Batch) -> Tensor:
-        """The representation ``x``: ``[B, representation_dim]``."""
+    def encode(self, features: FeatureTensors) -> Tensor:
+        """The representation ``x`` of plain-tensor inputs: ``[B, representation_dim]``.
+
+        ``features`` are laid out as the embedding collections' ``source`` (:meth:`feature_tensors`).
+        """
+
+    def backbone(self, inputs: Batch | FeatureTensors) -> Tensor:
+        """The representation ``x``: ``[B, representation_dim]``, of a batch or of its feature tensors."""
+        return self.encode(self.feature_tensors(inputs) if isinstance(inputs, Batch) else inputs)
+
+    def embedding_collections(self) -> list[EmbeddingCollection]:
+        """The backbone's embedding collections (one for most models, one per tower for two-tower).
+
+        Heads read the representation, never the inputs, so a collection inside a head is not one.
+        """
+        return [
+            module
+            for name, child in self.named_children()
+            if name != "heads"
+            for module in child.modules()
+            if isinstance(module, EmbeddingCollection)
+        ]
+
+    @property
+    def input_layout(self) -> FeatureLayout:
+        """The features the model reads (every collection's selection), in schema order.
+
+        These are the plain-tensor inputs of the exported serving model.
+        """
+        collections = self.embedding_collections()
+        names = {name for collection in collections for name in collection.layout.names}
+        return collections[0].source.subset(names)
+
+    def feature_tensors(self, batch: Batch) -> FeatureTensors:
+        """The batch as the collections read it: its ids and dense columns (no copy), the used sequences padded."""
+        collections = self.embedding_collections()
+        source = collections[0].source
+        used = {name for collection in collections for name in collection.sequence_features}
+        sequences = tuple(s for s in source.sequences if s[0] in used)
+        return replace(source, sequences=sequences).read(batch, source)
 
     def add_head(self, name: str, module: nn.Module) -> None:
         """Register a head ``[B, d] -> [B, 1]`` under a new name.

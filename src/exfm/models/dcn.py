@@ -17,10 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP, CrossNetV1
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema
 
 
@@ -61,7 +60,7 @@ class DCNModel(RecModel):
         for task in self.serving_heads:
             self.add_head(task, MLP(self.representation_dim, head_hidden, 1, dropout=dropout))
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, d]``: ``[Cross(x_0), MLP(x_0)]``."""
-        x0 = self.embedding(batch).flat()
+        x0 = self.embedding(features).flat()
         return torch.cat([self.cross(x0), self.deep(x0)], dim=1)

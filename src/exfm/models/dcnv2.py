@@ -20,10 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP, CrossNetV2
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema
 
 
@@ -73,9 +72,9 @@ class DCNv2Model(RecModel):
         for task in self.serving_heads:
             self.add_head(task, MLP(self.representation_dim, head_hidden, 1, dropout=dropout))
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, d]``: ``MLP(Cross(x_0))`` (stacked) or ``[Cross(x_0), MLP(x_0)]`` (parallel)."""
-        x0 = self.embedding(batch).flat()
+        x0 = self.embedding(features).flat()
         if self.structure == "stacked":
             return self.deep(self.cross(x0))
         return torch.cat([self.cross(x0), self.deep(x0)], dim=1)

@@ -18,10 +18,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema
 
 
@@ -86,9 +85,9 @@ class DLRMModel(RecModel):
         for task in self.serving_heads:
             self.add_head(task, MLP(self.representation_dim, [], 1))
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, d]``: ``MLP_top([z, pairs(z, v)])`` (without numerics: ``MLP_top(pairs(v))``)."""
-        emb = self.embedding(batch)
+        emb = self.embedding(features)
         fields = emb.fields()
         if self.bottom is None:
             return self.top(self.interaction(fields))

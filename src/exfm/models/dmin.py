@@ -26,11 +26,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exfm.data.batch import Batch
 from exfm.models.attention import MultiHeadSelfAttention, SelfAttentionHeads, TargetAttention
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema, SchemaError
 
 
@@ -191,9 +190,9 @@ class DMINModel(RecModel):
         for task in self.serving_heads:
             self.add_head(task, MLP(self.representation_dim, head_hidden, 1, dropout=dropout))
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, d]``: ``MLP([interests, categorical embeddings, pooled other sequences, dense])``."""
-        emb = self.embedding(batch)
+        emb = self.embedding(features)
         seq = emb.sequences[self.sequence]
         interests = self.interests(seq.values, seq.mask, emb.single[:, self._target])
         others = [s.pooled() for name, s in emb.sequences.items() if name != self.sequence]

@@ -17,11 +17,17 @@ Gradients of the tables are sparse COO tensors (``torch.sparse_coo_tensor``, unc
 entry per looked-up id; padding entries carry zero values rather than being filtered out, which
 keeps row 0 exactly zero under SGD, Adagrad, Adam, SparseAdam and row-wise optimizers). Use a
 sparse optimizer for them (``RecModel.sparse_parameters``).
+
+Inputs are plain tensors, :class:`FeatureTensors` (``ids [B, F]``, one right-padded ``[B, L_s]``
+id matrix per sequence, ``dense [B, N]``), laid out as a :class:`FeatureLayout` says. A training
+:class:`~exfm.data.batch.Batch` is first converted to them (:meth:`FeatureLayout.read`), so
+training and the exported serving model (:mod:`exfm.serving`) run the same embedding code.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -59,6 +65,122 @@ class _SparseLookup(torch.autograd.Function):
             values = grad.reshape(-1, shape[1]) * keep.to(grad.dtype)
             out.append(torch.sparse_coo_tensor(indices, values, shape, check_invariants=False))
         return tuple(out)
+
+
+class FeatureTensors(NamedTuple):
+    """A batch of model inputs as plain tensors (what :class:`EmbeddingCollection` embeds).
+
+    The columns of ``ids`` and ``dense`` are those of a :class:`FeatureLayout` (the collection's
+    ``source``); a sequence id of 0, wherever it stands, is padding.
+
+    Attributes:
+        ids: ``[B, F]`` int64 bucket ids of the categorical features (0 = missing).
+        sequences: ``{name: [B, max_len]}`` int64 item ids, oldest first, right-padded with 0.
+        dense: ``[B, N]`` float32 numeric features, transformed as the reader does.
+    """
+
+    ids: Tensor
+    sequences: dict[str, Tensor]
+    dense: Tensor
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """The features that plain-tensor inputs hold, in order: the columns of :class:`FeatureTensors`.
+
+    Attributes:
+        categorical: the columns of ``ids``.
+        sequences: ``(name, max_len)`` of each sequence.
+        numeric: the columns of ``dense``.
+    """
+
+    categorical: tuple[str, ...]
+    sequences: tuple[tuple[str, int], ...]
+    numeric: tuple[str, ...]
+
+    @classmethod
+    def of(cls, schema: Schema, features: Collection[str] | None = None) -> FeatureLayout:
+        """The schema's features (or those named in ``features``), in schema order."""
+        return cls(
+            tuple(f.name for f in schema.categorical if features is None or f.name in features),
+            tuple((s.name, s.max_len) for s in schema.sequences if features is None or s.name in features),
+            tuple(f.name for f in schema.numeric if features is None or f.name in features),
+        )
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every feature name: categoricals, sequences, numerics."""
+        return (*self.categorical, *(name for name, _ in self.sequences), *self.numeric)
+
+    def subset(self, names: Collection[str]) -> FeatureLayout:
+        """The named features only, in this layout's order."""
+        return FeatureLayout(
+            tuple(n for n in self.categorical if n in names),
+            tuple(s for s in self.sequences if s[0] in names),
+            tuple(n for n in self.numeric if n in names),
+        )
+
+    def read(self, batch: Batch, source: FeatureLayout) -> FeatureTensors:
+        """This layout's inputs, picked out of a batch laid out as ``source`` (a dataset's layout).
+
+        The sequences are padded to their ``max_len`` (:meth:`~exfm.data.batch.KeyedJagged.padded`);
+        ids and dense columns are selected only where this layout differs from ``source``.
+
+        Raises:
+            ValueError: the batch's keys or dense width do not match ``source``.
+        """
+        sparse = batch.sparse
+        keys = [*source.categorical, *(name for name, _ in source.sequences)]
+        if sparse.keys != keys or batch.dense.shape[1] != len(source.numeric):
+            raise ValueError(
+                f"batch layout (keys {sparse.keys}, {batch.dense.shape[1]} dense) does not match the "
+                f"model's schema (keys {keys}, {len(source.numeric)} dense)"
+            )
+        ids, dense = sparse.single_ids(), batch.dense
+        if self.categorical != source.categorical:
+            ids = ids.index_select(1, _positions(self.categorical, source.categorical, ids.device))
+        if self.numeric != source.numeric:
+            dense = dense.index_select(1, _positions(self.numeric, source.numeric, dense.device))
+        sequences = {name: sparse.padded(name, max_len) for name, max_len in self.sequences}
+        return FeatureTensors(ids, sequences, dense)
+
+    @property
+    def sequence_width(self) -> int:
+        """``Σ_s max_len_s``: the width of the packed sequences."""
+        return sum(max_len for _, max_len in self.sequences)
+
+    def pack(self, features: FeatureTensors) -> tuple[Tensor, Tensor, Tensor]:
+        """The three plain inputs of an exported model: ``(ids [B, F], sequences [B, Σ L_s], dense [B, N])``.
+
+        ``sequences`` is this layout's sequences side by side, each padded to its ``max_len``.
+        """
+        ids = features.ids
+        parts = [features.sequences[name] for name, _ in self.sequences]
+        sequences = torch.cat(parts, dim=1) if parts else ids.new_zeros(ids.shape[0], 0)
+        return ids, sequences, features.dense
+
+    def unpack(self, ids: Tensor, sequences: Tensor, dense: Tensor) -> FeatureTensors:
+        """The inverse of :meth:`pack`.
+
+        Raises:
+            ValueError: an input's width does not match this layout.
+        """
+        widths = (len(self.categorical), self.sequence_width, len(self.numeric))
+        if (ids.shape[1], sequences.shape[1], dense.shape[1]) != widths:
+            raise ValueError(
+                f"inputs of widths ({ids.shape[1]}, {sequences.shape[1]}, {dense.shape[1]}) do not match the "
+                f"layout's {widths} (ids, sequences, dense)"
+            )
+        split, start = {}, 0
+        for name, max_len in self.sequences:
+            split[name] = sequences[:, start : start + max_len]
+            start += max_len
+        return FeatureTensors(ids, split, dense)
+
+
+def _positions(names: Sequence[str], source: Sequence[str], device: torch.device) -> Tensor:
+    """``[len(names)]`` int64: the position of each name in ``source``."""
+    return torch.tensor([source.index(n) for n in names], dtype=torch.long, device=device)
 
 
 class SequenceEmbedding(NamedTuple):
@@ -118,8 +240,12 @@ class EmbeddingCollection(nn.Module):
     (None = all). The selected categoricals become the single-valued fields, the selected
     sequences the sequence fields, the selected numerics the dense columns; a table is created for
     every selected categorical and for the table that each selected sequence shares (even if that
-    categorical itself is not selected as a field). Columns are picked out of the batch by index,
+    categorical itself is not selected as a field). Columns are picked out of the inputs by index,
     so excluded features never reach the model.
+
+    The collection reads :class:`FeatureTensors` laid out as ``source`` (by default the dataset
+    schema's layout, so a :class:`~exfm.data.batch.Batch` converts without copying its ids);
+    :meth:`read_from` rebinds it to another layout, e.g. the model's own features at serving.
 
     Init: embeddings ``~ N(0, init_std²)`` (default 0.01), first-order weights zero, row 0 zero.
 
@@ -130,6 +256,10 @@ class EmbeddingCollection(nn.Module):
         first_order: also keep a second fused table of width 1, the per-id first-order weights
             ``w_id`` of FM-family models (same layout and lookup as the embeddings).
         init_std: standard deviation of the embedding init.
+
+    Attributes:
+        layout: the selected features (:class:`FeatureLayout`, schema order).
+        source: the layout of the inputs the collection reads.
 
     Raises:
         SchemaError: an unknown feature name, or a selection with no feature at all.
@@ -149,13 +279,11 @@ class EmbeddingCollection(nn.Module):
         unknown = sorted(selected - {f.name for f in schema.features})
         if unknown:
             raise SchemaError(f"unknown feature(s) {unknown} for schema {schema.name!r}")
-        single = [f for f in schema.categorical if f.name in selected]
-        sequences = [f for f in schema.sequences if f.name in selected]
-        numeric_columns = [i for i, f in enumerate(schema.numeric) if f.name in selected]
-        if not single and not sequences and not numeric_columns:
+        layout = FeatureLayout.of(schema, selected)
+        if not layout.names:
             raise SchemaError(f"no model feature selected from schema {schema.name!r}")
 
-        needed = {f.name for f in single} | {s.embedding for s in sequences}
+        needed = {*layout.categorical, *(schema.feature(name).embedding for name, _ in layout.sequences)}
         base: dict[str, int] = {}
         num_rows = 1
         for f in schema.categorical:
@@ -165,24 +293,21 @@ class EmbeddingCollection(nn.Module):
 
         self.dim = dim
         self.num_rows = num_rows
-        self.single_features = [f.name for f in single]
-        self.sequence_features = [s.name for s in sequences]
-        self.numeric_features = [schema.numeric[i].name for i in numeric_columns]
-        self._keys = [f.name for f in schema.categorical] + [s.name for s in schema.sequences]
-        self._num_dense = len(schema.numeric)
+        self.layout = layout
+        self.single_features = list(layout.categorical)
+        self.sequence_features = [name for name, _ in layout.sequences]
+        self.numeric_features = list(layout.numeric)
         # (name, max_len, table base, slots in the looked-up rows) per selected sequence
         self._sequences: list[tuple[str, int, int, slice]] = []
-        start = len(single)
-        for s in sequences:
-            self._sequences.append((s.name, s.max_len, base[s.embedding], slice(start, start + s.max_len)))
-            start += s.max_len
-
-        single_columns = [i for i, f in enumerate(schema.categorical) if f.name in selected]
-        self._select_single = single_columns != list(range(len(schema.categorical)))
-        self._select_dense = numeric_columns != list(range(len(schema.numeric)))
-        self.register_buffer("_single_columns", torch.tensor(single_columns, dtype=torch.long), False)
-        self.register_buffer("_dense_columns", torch.tensor(numeric_columns, dtype=torch.long), False)
-        self.register_buffer("_single_base", torch.tensor([base[f.name] for f in single], dtype=torch.long), False)
+        start = len(layout.categorical)
+        for name, max_len in layout.sequences:
+            self._sequences.append((name, max_len, base[schema.feature(name).embedding], slice(start, start + max_len)))
+            start += max_len
+        single_base = torch.tensor([base[n] for n in layout.categorical], dtype=torch.long)
+        self.register_buffer("_single_base", single_base, False)
+        self.register_buffer("_single_columns", None, False)
+        self.register_buffer("_dense_columns", None, False)
+        self.read_from(FeatureLayout.of(schema))
 
         self.weight = nn.Parameter(torch.empty(num_rows, dim))
         self.first_order_weight = nn.Parameter(torch.empty(num_rows, 1)) if first_order else None
@@ -207,38 +332,66 @@ class EmbeddingCollection(nn.Module):
             if self.first_order_weight is not None:
                 self.first_order_weight.zero_()
 
-    def rows(self, batch: Batch) -> Tensor:
-        """Fused table rows of every lookup of the batch: ``[B, F + Σ L_s]`` int64.
+    def read_from(self, source: FeatureLayout) -> None:
+        """Read inputs laid out as ``source`` from now on (it must hold every selected feature).
+
+        Raises:
+            ValueError: a selected feature is not in ``source``.
+        """
+        missing = [name for name in self.layout.names if name not in source.names]
+        if missing:
+            raise ValueError(f"input layout {source} lacks the collection's feature(s) {missing}")
+        self.source = source
+        self._select_single = self.layout.categorical != source.categorical
+        self._select_dense = self.layout.numeric != source.numeric
+        device = self._single_base.device
+        self._single_columns = _positions(self.layout.categorical, source.categorical, device)
+        self._dense_columns = _positions(self.layout.numeric, source.numeric, device)
+
+    def feature_tensors(self, batch: Batch) -> FeatureTensors:
+        """The batch as plain tensors: ``source``'s ids and dense columns, the selected sequences padded."""
+        return replace(self.source, sequences=self.layout.sequences).read(batch, self.source)
+
+    def rows(self, inputs: Batch | FeatureTensors) -> Tensor:
+        """Fused table rows of every lookup: ``[B, F + Σ L_s]`` int64.
 
         The F categorical fields first, then each sequence's ``max_len`` slots; 0 = missing or
         padding. Ids must lie in ``[0, buckets)`` of their feature (the reader guarantees it).
 
+        Args:
+            inputs: a batch, or its :class:`FeatureTensors` laid out as ``source``.
+
         Raises:
-            ValueError: the batch's keys or dense width do not match the dataset schema.
+            ValueError: the inputs do not match ``source`` (keys, widths or a missing sequence).
         """
-        sparse = batch.sparse
-        if sparse.keys != self._keys or batch.dense.shape[1] != self._num_dense:
-            raise ValueError(
-                f"batch layout (keys {sparse.keys}, {batch.dense.shape[1]} dense) does not match the "
-                f"model's schema (keys {self._keys}, {self._num_dense} dense)"
-            )
-        ids = sparse.single_ids()
+        features = self.feature_tensors(inputs) if isinstance(inputs, Batch) else inputs
+        ids = features.ids
+        if ids.shape[1] != len(self.source.categorical):
+            raise ValueError(f"ids have {ids.shape[1]} columns; the collection reads {self.source.categorical}")
         if self._select_single:
             ids = ids.index_select(1, self._single_columns)
         parts = [torch.where(ids > 0, ids + self._single_base, 0)]
         for name, max_len, base, _ in self._sequences:
-            items = sparse.padded(name, max_len)
+            items = features.sequences.get(name)
+            if items is None or items.shape[1] != max_len:
+                raise ValueError(f"sequence {name!r} must be given as a [B, {max_len}] id matrix")
             parts.append(torch.where(items > 0, items + base, 0))
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
-    def forward(self, batch: Batch) -> EmbeddedFeatures:
+    def forward(self, inputs: Batch | FeatureTensors) -> EmbeddedFeatures:
         """Embed a batch: one gather from the fused table (and one from the first-order table).
+
+        Args:
+            inputs: a batch, or its :class:`FeatureTensors` laid out as ``source``.
 
         Returns:
             :class:`EmbeddedFeatures` with ``single [B, F, d]``, the padded sequences, the
             selected ``dense [B, N]`` and, with ``first_order``, ``first_order [B, F + S]``.
         """
-        rows = self.rows(batch)
+        features = self.feature_tensors(inputs) if isinstance(inputs, Batch) else inputs
+        if features.dense.shape[1] != len(self.source.numeric):
+            raise ValueError(f"dense has {features.dense.shape[1]} columns; the collection reads {self.source.numeric}")
+        rows = self.rows(features)
         if self.first_order_weight is None:
             (values,) = _SparseLookup.apply(rows, self.weight)
         else:
@@ -256,5 +409,7 @@ class EmbeddingCollection(nn.Module):
                     for (*_, slots), seq in zip(self._sequences, sequences.values(), strict=True)
                 ]
                 first_order = torch.cat([first_order, *pooled], dim=1)
-        dense = batch.dense.index_select(1, self._dense_columns) if self._select_dense else batch.dense
+        dense = features.dense
+        if self._select_dense:
+            dense = dense.index_select(1, self._dense_columns)
         return EmbeddedFeatures(values[:, :num_single], sequences, dense, first_order)

@@ -24,10 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import FMInteraction
-from exfm.models.embedding import EmbeddingCollection
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema
 
 
@@ -60,9 +59,9 @@ class FMModel(RecModel):
             nn.init.zeros_(head.bias)
             self.add_head(task, head)
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, k+1]``: the first-order sum next to the pairwise-interaction vector."""
-        emb = self.embedding(batch)
+        emb = self.embedding(features)
         fields = emb.fields()
         first_order = emb.first_order.sum(1, keepdim=True)
         if self.numeric_embedding is not None:

@@ -55,8 +55,8 @@ class FieldPairInteraction(nn.Module):
         if variant not in ("vectorized", "matrixed"):
             raise ValueError(f"variant must be 'vectorized' or 'matrixed', not {variant!r}")
         left, right = torch.triu_indices(num_fields, num_fields, offset=1)
-        self.register_buffer("left", left, persistent=False)
-        self.register_buffer("right", right, persistent=False)
+        self.register_buffer("left", left.clone(), persistent=False)  # own storage each: export saves them apart
+        self.register_buffer("right", right.clone(), persistent=False)
         self.num_fields = num_fields
         self.dim = dim
         self.variant = variant

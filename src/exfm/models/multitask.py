@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP
+from exfm.models.embedding import FeatureTensors
 
 
 class MultiTaskModel(RecModel):
@@ -45,6 +45,6 @@ class MultiTaskModel(RecModel):
         for task in self.serving_heads:
             self.add_head(task, MLP(self.representation_dim, tower_hidden, 1, dropout=dropout))
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, d]``: the shared bottom's representation."""
-        return self.bottom.backbone(batch)
+        return self.bottom.encode(features)

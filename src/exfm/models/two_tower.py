@@ -18,8 +18,8 @@ Any *linear* head on ``x`` keeps this property; a head with hidden layers does n
 
 Serving export: :meth:`TwoTowerModel.user_tower_module` and :meth:`TwoTowerModel.item_tower_module`
 return standalone :class:`ExportedTower` snapshots that take plain tensors (the tower's ids,
-padded sequences and numerics) and run under ``torch.export``; the logit of a (user, item) pair is
-``heads[task](user_vector * item_vector)``.
+padded sequences and numerics, :meth:`~exfm.models.embedding.FeatureLayout.pack`) and run under
+``torch.export``; the logit of a (user, item) pair is ``heads[task](user_vector * item_vector)``.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from exfm.data.batch import Batch
 from exfm.models.base import RecModel
 from exfm.models.blocks import MLP
-from exfm.models.embedding import EmbeddedFeatures, EmbeddingCollection, SequenceEmbedding
+from exfm.models.embedding import EmbeddingCollection, FeatureTensors
 from exfm.schema import Schema
 
 
@@ -47,7 +46,7 @@ class TowerArch(nn.Module):
         hidden: hidden widths of the tower MLP (ReLU after each).
         output_dim: D, the width of the tower's final linear layer (no activation).
 
-    Shapes: ``batch → [B, D]``.
+    Shapes: ``batch`` (or its :class:`~exfm.models.embedding.FeatureTensors`) ``→ [B, D]``.
     """
 
     def __init__(self, schema: Schema, features: list[str], dim: int, hidden: Sequence[int], output_dim: int) -> None:
@@ -56,26 +55,21 @@ class TowerArch(nn.Module):
         in_dim = self.embedding.num_fields * dim + self.embedding.num_dense
         self.mlp = MLP(in_dim, hidden, output_dim)
 
-    def forward(self, batch: Batch) -> Tensor:
-        return self.mlp(self.embedding(batch).flat())
+    def forward(self, inputs: Batch | FeatureTensors) -> Tensor:
+        return self.mlp(self.embedding(inputs).flat())
 
 
 class ExportedTower(nn.Module):
     """An inference snapshot of a :class:`TowerArch` that takes plain tensors (``torch.export``-able).
 
-    The batch path goes through :class:`~exfm.data.batch.KeyedJagged` (jagged sequences,
-    data-dependent shapes), which ``torch.export`` cannot trace; this module takes the tower's
-    inputs already laid out and computes the same vector from a copy of the tower's weights:
-    ``rows = id + base`` per slot (0 stays the zero row), one gather, mean pooling of each
-    sequence over its non-zero ids, flatten, MLP. The per-slot table bases are read off the
-    collection's own :meth:`~exfm.models.embedding.EmbeddingCollection.rows` once, at export.
+    A copy of the tower (later training does not change it, no gradients) whose embedding
+    collection reads the tower's own features (:meth:`~exfm.models.embedding.EmbeddingCollection.read_from`):
+    the same embedding code as training, on inputs without the other tower's columns.
 
     Args:
-        tower: the tower to snapshot (copied; later training does not change the export).
-        schema: the dataset schema the tower was built from.
+        tower: the tower to snapshot.
 
-    Inputs of ``forward`` (column orders in ``single_features``, ``sequence_features``,
-    ``numeric_features``; :meth:`inputs` builds them from a batch):
+    Inputs of ``forward`` (column orders in ``layout``; :meth:`inputs` builds them from a batch):
         ids: ``[B, F_t]`` int64 bucket ids of the tower's categoricals (0 = missing).
         sequences: ``[B, Σ_s L_s]`` int64, each sequence right-padded with 0 to its ``max_len``.
         dense: ``[B, N_t]`` float32 numerics, transformed as the reader does.
@@ -84,42 +78,19 @@ class ExportedTower(nn.Module):
         ``[B, D]`` float32, equal to ``tower(batch)``.
     """
 
-    def __init__(self, tower: TowerArch, schema: Schema) -> None:
+    def __init__(self, tower: TowerArch) -> None:
         super().__init__()
-        collection = tower.embedding
-        self.weight = nn.Parameter(collection.weight.detach().clone(), requires_grad=False)
-        self.mlp = copy.deepcopy(tower.mlp).eval().requires_grad_(False)
-        self.single_features = list(collection.single_features)
-        self.sequence_features = list(collection.sequence_features)
-        self.numeric_features = list(collection.numeric_features)
-        self._categorical_columns = [[f.name for f in schema.categorical].index(n) for n in self.single_features]
-        self._numeric_columns = [[f.name for f in schema.numeric].index(n) for n in self.numeric_features]
-        self._max_lens = [schema.feature(name).max_len for name in self.sequence_features]
-        # ids 1 everywhere, full-length sequences: row - 1 is each slot's table base
-        from exfm.models.registry import _example_batch  # registry imports this module
-
-        offsets = collection.rows(_example_batch(schema, 1).to(self.weight.device))[0] - 1
-        self.register_buffer("offsets", offsets, persistent=False)
+        self.source = tower.embedding.source
+        self.layout = tower.embedding.layout
+        self.tower = copy.deepcopy(tower).eval().requires_grad_(False)
+        self.tower.embedding.read_from(self.layout)
 
     def inputs(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
         """``(ids, sequences, dense)`` of this tower, picked out of a dataset batch."""
-        ids = batch.sparse.single_ids()[:, self._categorical_columns]
-        padded = [batch.sparse.padded(n, m) for n, m in zip(self.sequence_features, self._max_lens, strict=True)]
-        sequences = torch.cat(padded, dim=1) if padded else ids.new_zeros(ids.shape[0], 0)
-        return ids, sequences, batch.dense[:, self._numeric_columns]
+        return self.layout.pack(self.layout.read(batch, self.source))
 
     def forward(self, ids: Tensor, sequences: Tensor, dense: Tensor) -> Tensor:
-        slots = torch.cat([ids, sequences], dim=1)
-        rows = torch.where(slots > 0, slots + self.offsets, 0)
-        values = self.weight.index_select(0, rows.flatten()).view(rows.shape[0], rows.shape[1], -1)
-        num_single = len(self.single_features)
-        pooled: dict[str, SequenceEmbedding] = {}
-        start = num_single
-        for name, max_len in zip(self.sequence_features, self._max_lens, strict=True):
-            span = slice(start, start + max_len)
-            pooled[name] = SequenceEmbedding(values[:, span], rows[:, span] != 0)
-            start += max_len
-        return self.mlp(EmbeddedFeatures(values[:, :num_single], pooled, dense).flat())
+        return self.tower(self.layout.unpack(ids, sequences, dense))
 
 
 class TwoTowerModel(RecModel):
@@ -165,7 +136,6 @@ class TwoTowerModel(RecModel):
             raise ValueError(f"feature(s) {shared} are in both towers")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, not {temperature}")
-        self.schema = schema
         self.user_tower = TowerArch(schema, user_features, embedding_dim, tower_hidden, output_dim)
         self.item_tower = TowerArch(schema, item_features, embedding_dim, tower_hidden, output_dim)
         self.representation_dim = output_dim
@@ -177,14 +147,14 @@ class TwoTowerModel(RecModel):
             head.weight.requires_grad_(learn_head_weights)
             self.add_head(task, head)
 
-    def backbone(self, batch: Batch) -> Tensor:
+    def encode(self, features: FeatureTensors) -> Tensor:
         """``[B, D]``: ``u ⊙ i``, so that ``Σ_j x_j / τ = ⟨u, i⟩ / τ``."""
-        return self.user_tower(batch) * self.item_tower(batch)
+        return self.user_tower(features) * self.item_tower(features)
 
     def user_tower_module(self) -> ExportedTower:
         """A standalone snapshot of the user tower on plain tensors: ``→ u [B, D]``."""
-        return ExportedTower(self.user_tower, self.schema)
+        return ExportedTower(self.user_tower)
 
     def item_tower_module(self) -> ExportedTower:
         """A standalone snapshot of the item tower on plain tensors: ``→ i [B, D]``."""
-        return ExportedTower(self.item_tower, self.schema)
+        return ExportedTower(self.item_tower)

@@ -2,11 +2,14 @@
 
 ``train(config, run_dir)`` trains a model on days ``train_days`` exactly once, in time order:
 
-1. each batch is first scored by the current model (progressive evaluation: the training
-   forward's logits, taken before the optimizer step, go to :class:`ProgressiveNE`);
-2. the objective's loss is back-propagated and the sparse and dense optimizers step;
-3. every ``checkpoint_every`` batches and at every day end, the model, the optimizers, the
-   progressive metrics, the RNG state and the stream position are checkpointed atomically.
+1. the objective's hook runs first (``ah_sa``: the Student Adapter's own step, Algorithm 1);
+2. each batch is scored by the current model (progressive evaluation: the serving heads' logits
+   of the training forward, taken before the optimizer step, go to :class:`ProgressiveNE`);
+3. the objective's loss (``config.distillation``: none, KD, AH or AH+SA,
+   :mod:`exfm.distill.objectives`) is back-propagated and the sparse and dense optimizers step;
+4. every ``checkpoint_every`` batches and at every day end, the model (training heads included),
+   the optimizers, the objective's state (Student Adapter and its optimizer, supervision counts),
+   the progressive metrics, the RNG state and the stream position are checkpointed atomically.
 
 ``train(..., resume=True)`` restarts from the last checkpoint: the reader continues at the
 checkpointed position (no batch trained twice, none skipped), and ``metrics.jsonl`` is cut back
@@ -28,11 +31,12 @@ from tqdm import tqdm
 
 from exfm.data.dataset import Dataset, open_dataset
 from exfm.data.reader import ReaderPosition, StreamReader
+from exfm.distill.objectives import build_objective
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
 from exfm.train.config import TrainConfig, load_train_config
 from exfm.train.metrics import MetricSet, ProgressiveNE, StreamingMetrics
-from exfm.train.objective import SupervisedObjective
+from exfm.train.objective import Objective
 from exfm.train.optim import Optimizers
 from exfm.train.run_dir import RunDirectory
 
@@ -70,13 +74,22 @@ def stack_logits(logits: dict[str, torch.Tensor], tasks: list[str]) -> torch.Ten
 class _Checkpointer:
     """Saves and restores the whole training state of a run."""
 
-    def __init__(self, run: RunDirectory, model: RecModel, optimizers: Optimizers, progressive: ProgressiveNE):
-        self.run, self.model, self.optimizers, self.progressive = run, model, optimizers, progressive
+    def __init__(
+        self,
+        run: RunDirectory,
+        model: RecModel,
+        optimizers: Optimizers,
+        objective: Objective,
+        progressive: ProgressiveNE,
+    ):
+        self.run, self.model, self.optimizers = run, model, optimizers
+        self.objective, self.progressive = objective, progressive
 
     def save(self, position: ReaderPosition, examples: int, batches: int, name: str = "last") -> None:
         state = {
             "model": self.model.state_dict(),
             "optimizers": self.optimizers.state_dict(),
+            "objective": self.objective.state_dict(),
             "progressive": self.progressive.state_dict(),
             "rng": torch.get_rng_state(),
             "position": [position.day, position.batch],
@@ -94,6 +107,7 @@ class _Checkpointer:
             return None, 0, 0
         self.model.load_state_dict(state["model"])
         self.optimizers.load_state_dict(state["optimizers"])
+        self.objective.load_state_dict(state["objective"])
         self.progressive.load_state_dict(state["progressive"])
         torch.set_rng_state(state["rng"])
         self.run.truncate_metrics(state["metrics_offset"])
@@ -105,12 +119,12 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
     dataset = open_dataset(config.data)
     tasks = model_tasks(config, dataset)
     model = build_for_run(config, dataset)
+    objective = build_objective(config.distillation, model, dataset.schema, tasks)  # adds training heads
     optimizers = Optimizers(model, config.dense_optimizer, config.sparse_optimizer)
-    objective = SupervisedObjective(tasks, [dataset.schema.tasks.index(t) for t in tasks])
     progressive = ProgressiveNE(tasks, dataset.manifest.domains, config.progressive_window)
     run = RunDirectory(run_dir)
     run.create(config.to_yaml(), resume)
-    checkpointer = _Checkpointer(run, model, optimizers, progressive)
+    checkpointer = _Checkpointer(run, model, optimizers, objective, progressive)
     position, examples, batches = checkpointer.restore(config.device) if resume else (None, 0, 0)
 
     reader = StreamReader(
@@ -118,6 +132,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
         config.train_day_list,
         config.batch_size,
         start=position,
+        with_fm_predictions=objective.reads_fm_predictions,
         prefetch=config.prefetch,
         device=config.device,
     )
@@ -127,12 +142,13 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
     checkpoint_seconds = 0.0
     model.train()
     for batch in reader:
-        logits = model(batch, heads=model.serving_heads)
-        loss = objective(logits, batch)
+        objective.before_step(batch)
+        output = objective.forward(model, batch)
+        loss = output.loss
         optimizers.zero_grad()
         loss.backward()
         optimizers.step()
-        progressive.update(stack_logits(logits, tasks).detach(), objective.labels(batch), batch.domain)
+        progressive.update(output.logits.detach(), objective.labels(batch), batch.domain)
 
         examples += batch.size
         batches += 1
@@ -150,6 +166,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
                 "loss": loss.item(),
                 "examples_per_s": interval_examples / max(elapsed, 1e-9),
                 "progressive": progressive.snapshot(),
+                **objective.log_record(),
             }
             run.log(record)
             bar.set_postfix(day=batch.day, ne=_cumulative_ne(record, tasks[0]))
@@ -212,8 +229,10 @@ def evaluate_checkpoint(
         raise FileNotFoundError(f"{run.checkpoints}: no checkpoint named {checkpoint!r}")
     dataset = open_dataset(config.data)
     model = build_for_run(config, dataset)
+    tasks = model_tasks(config, dataset)
+    build_objective(config.distillation, model, dataset.schema, tasks)  # the checkpoint holds its training heads
     model.load_state_dict(state["model"])
-    return evaluate_day(model, dataset, day, model_tasks(config, dataset), config.batch_size, device)
+    return evaluate_day(model, dataset, day, tasks, config.batch_size, device)
 
 
 def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from exfm.data.dataset import (
     atomic_output_dir,
@@ -83,6 +84,31 @@ def make_tiny_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, seed: 
             entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
         write_manifest(staging, schema, build_manifest(schema, "test", entries))
     return out
+
+
+def train_config(data: Path, **changes) -> dict:
+    """A small training config (FM, days 1-3, evaluate day 4) as a dict; ``changes`` override keys."""
+    config = {
+        "data": str(data),
+        "model": {"name": "fm", "embedding_dim": 8},
+        "train_days": [1, 3],
+        "eval_days": [4],
+        "batch_size": 64,
+        "checkpoint_every": 7,
+        "log_every": 5,
+        "progressive_window": 500,
+    }
+    config.update(changes)
+    return config
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny tensors: one intra-op thread avoids OpenMP spin contention on small machines."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

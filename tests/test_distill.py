@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_tiny_dataset, tiny_schema
+from conftest import make_tiny_dataset, tiny_schema, train_config
 from torch import nn
 
 from exfm.data.batch import Batch, KeyedJagged
@@ -34,14 +34,6 @@ from exfm.train.trainer import evaluate_checkpoint, train
 
 TASKS = ["click", "like"]
 SCHEMA = tiny_schema()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class LinearRec(RecModel):
@@ -346,19 +338,7 @@ def fm_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, missing: floa
 
 
 def _config(data: Path, method: str, **changes) -> dict:
-    config = {
-        "data": str(data),
-        "model": {"name": "fm", "embedding_dim": 8},
-        "train_days": [1, 3],
-        "eval_days": [4],
-        "batch_size": 64,
-        "checkpoint_every": 7,
-        "log_every": 5,
-        "progressive_window": 500,
-        "distillation": {"method": method},
-    }
-    config.update(changes)
-    return config
+    return train_config(data, **{"distillation": {"method": method}, **changes})
 
 
 @pytest.fixture(scope="module")

@@ -24,22 +24,13 @@ from exfm.data.synth import TEACHER_ONLY_FEATURES, synthetic_schema
 from exfm.experiments.zoo import synthetic_zoo
 from exfm.models import MLP, RecModel, build_model
 from exfm.schema import Schema
-from exfm.serving import ExportError, ServingModel, export_model, export_run, serving_inputs
+from exfm.serving import ServingModel, export_model, export_run, serving_inputs
 from exfm.train.config import parse_train_config
-from exfm.train.run_dir import RunDirectory
+from exfm.train.run_dir import RunDirectory, RunError
 from exfm.train.trainer import train
 
 STUDENTS = ["fm", "fmfm", "deepfm", "dlrm", "two_tower"]
 TEACHERS = ["dcn", "dcnv2", "dmin", "multitask(dcnv2)"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_synthetic_schema() -> Schema:
@@ -403,7 +394,7 @@ def test_a_missing_serving_parameter_is_an_error(trained_run, tmp_path):
     state = directory.load_checkpoint("last")
     del state["model"]["heads.like.bias"]
     directory.save_checkpoint({k: v for k, v in state.items() if k != "format"}, "last")
-    with pytest.raises(ExportError, match=r"lacks serving parameter\(s\) \['heads.like.bias'\]"):
+    with pytest.raises(RunError, match=r"lacks serving parameter\(s\) \['heads.like.bias'\]"):
         export_run(run, tmp_path / "out", onnx=False)
     assert not (tmp_path / "out").exists()
 
@@ -413,7 +404,7 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(trained_run, tmp_path):
     shutil.copytree(trained_run, run)
     last = run / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    with pytest.raises(ExportError, match=r"last\.pt: corrupt or unreadable checkpoint"):
+    with pytest.raises(RunError, match=r"last\.pt: corrupt or unreadable checkpoint"):
         export_run(run, tmp_path / "out", onnx=False)
     with pytest.raises(
         FileNotFoundError, match=r"no checkpoint named 'day-09' \(available: \['day-01', 'day-02', 'last'\]\)"

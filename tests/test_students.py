@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_models import BUCKETS, TASKS, make_batch, make_schema, random_batch, rule_batch, total_loss
+from test_models import BUCKETS, TASKS, fit_rule, make_batch, make_schema, random_batch, total_loss
 
 from exfm.models import (
     MODEL_CONFIGS,
@@ -26,16 +26,6 @@ from exfm.models import (
     flops_per_example,
     parse_model_config,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 USER = ["user", "hist", "age"]
 ITEM = ["item", "cate", "price"]  # "ad" is in neither tower
@@ -311,20 +301,7 @@ def test_training_reduces_loss(name):
     tasks = ["click"] if name == "two-tower" else TASKS
     torch.manual_seed(0)
     model = build_model(CONFIGS[name], make_schema(), tasks)
-    sparse = torch.optim.SparseAdam(list(model.sparse_parameters()), lr=0.05)
-    dense = torch.optim.Adam([p for p in model.dense_parameters() if p.requires_grad], lr=0.01)
-    held_out = rule_batch(512, seed=999)
-    with torch.no_grad():
-        before = serving_loss(model, held_out).item()
-    for step in range(60):
-        batch = rule_batch(256, seed=step)
-        sparse.zero_grad()
-        dense.zero_grad()
-        serving_loss(model, batch).backward()
-        sparse.step()
-        dense.step()
-    with torch.no_grad():
-        after = serving_loss(model, held_out).item()
+    before, after = fit_rule(model, serving_loss)
     assert after < 0.5 * before, (before, after)
 
 

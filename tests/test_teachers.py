@@ -43,15 +43,6 @@ TASKS = ["click", "like"]
 BUCKETS = {"user": 50, "item": 30, "cate": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on small machines."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_schema(max_len: int = 6) -> Schema:
     return parse_schema(
         {

@@ -13,27 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny_dataset
+from conftest import make_tiny_dataset, train_config
 
 from exfm.data.dataset import open_dataset
 from exfm.train.config import ConfigError, load_train_config, parse_train_config
 from exfm.train.run_dir import RunDirectory
 from exfm.train.trainer import evaluate_checkpoint, train
-
-
-def _config(data: Path, **changes) -> dict:
-    config = {
-        "data": str(data),
-        "model": {"name": "fm", "embedding_dim": 8},
-        "train_days": [1, 3],
-        "eval_days": [4],
-        "batch_size": 64,
-        "checkpoint_every": 7,
-        "log_every": 5,
-        "progressive_window": 500,
-    }
-    config.update(changes)
-    return config
 
 
 def _write_config(path: Path, config: dict) -> Path:
@@ -54,7 +39,7 @@ def _without_timing(records: list[dict]) -> list[dict]:
 
 
 def test_trains_every_example_once_and_evaluates(tiny_dataset, tmp_path):
-    config = parse_train_config(_config(tiny_dataset, dense_optimizer={"name": "adagrad", "lr": 0.01}))
+    config = parse_train_config(train_config(tiny_dataset, dense_optimizer={"name": "adagrad", "lr": 0.01}))
     result = train(config, tmp_path / "run", show_progress=False)
     run = RunDirectory(result.run_dir)
     assert result.examples == 3 * 1000
@@ -76,28 +61,28 @@ def test_trains_every_example_once_and_evaluates(tiny_dataset, tmp_path):
 
 
 def test_a_fresh_run_refuses_an_existing_run_dir(tiny_dataset, tmp_path):
-    config = parse_train_config(_config(tiny_dataset, train_days=[1, 1], eval_days=[]))
+    config = parse_train_config(train_config(tiny_dataset, train_days=[1, 1], eval_days=[]))
     train(config, tmp_path / "run", show_progress=False)
     with pytest.raises(FileExistsError):
         train(config, tmp_path / "run", show_progress=False)
-    changed = parse_train_config(_config(tiny_dataset, train_days=[1, 2], eval_days=[]))
+    changed = parse_train_config(train_config(tiny_dataset, train_days=[1, 2], eval_days=[]))
     with pytest.raises(ValueError, match="config differs"):
         train(changed, tmp_path / "run", resume=True, show_progress=False)
 
 
 def test_config_errors_name_the_field(tmp_path):
-    path = _write_config(tmp_path / "c.yaml", _config(tmp_path, batch_size=0, model={"name": "nope"}))
+    path = _write_config(tmp_path / "c.yaml", train_config(tmp_path, batch_size=0, model={"name": "nope"}))
     with pytest.raises(ConfigError) as info:
         load_train_config(path)
     assert "batch_size" in str(info.value) and "model" in str(info.value)
-    path = _write_config(tmp_path / "d.yaml", _config(tmp_path, train_days=[3, 1]))
+    path = _write_config(tmp_path / "d.yaml", train_config(tmp_path, train_days=[3, 1]))
     with pytest.raises(ConfigError, match="train_days"):
         load_train_config(path)
 
 
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     data = make_tiny_dataset(tmp_path / "data", rows_per_day=12_000, days=4)
-    config = _write_config(tmp_path / "c.yaml", _config(data, eval_days=[4]))
+    config = _write_config(tmp_path / "c.yaml", train_config(data, eval_days=[4]))
 
     whole = tmp_path / "whole"
     subprocess.run(_cli("train", "--config", str(config), "--run-dir", str(whole), "--quiet"), env=_env(), check=True)
@@ -139,7 +124,7 @@ def test_one_pass_learns_the_synthetic_stream(tmp_path):
     student = [f for f in schema_features if f not in TEACHER_ONLY_FEATURES]
     for model in ({"name": "fm", "embedding_dim": 8, "features": student}, {"name": "dcnv2", "embedding_dim": 8}):
         config = parse_train_config(
-            _config(data, model=model, tasks=["click"], batch_size=256, dense_optimizer={"lr": 0.01})
+            train_config(data, model=model, tasks=["click"], batch_size=256, dense_optimizer={"lr": 0.01})
         )
         result = train(config, tmp_path / model["name"], show_progress=False)
         metrics = result.evaluations[4]["click"]["all"]

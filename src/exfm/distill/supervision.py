@@ -73,10 +73,7 @@ from exfm.data.synth import (
     _day_start_s,
     _World,
 )
-from exfm.models.base import RecModel
-from exfm.train.config import load_train_config
-from exfm.train.run_dir import RunDirectory
-from exfm.train.trainer import build_for_run, model_tasks
+from exfm.train.run_dir import open_run
 
 __all__ = [
     "FM_SNAPSHOT_COLUMN",
@@ -152,28 +149,16 @@ class RunTeacher:
     passthrough: Sequence[str] = ()
 
     def __init__(self, run_dir: str | Path, checkpoint: str = "day-04", device: str = "cpu"):
-        run = RunDirectory(run_dir)
-        if not run.config_path.exists():
-            raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
-        config = load_train_config(run.config_path, {"device": device})
-        state = run.load_checkpoint(checkpoint, map_location=device)
-        if state is None:
-            raise FileNotFoundError(f"{run.checkpoints}: no checkpoint named {checkpoint!r}")
-        dataset = open_dataset(config.data)
-        self.model: RecModel = build_for_run(config, dataset)
-        served = self.model.state_dict()
-        missing = sorted(set(served) - set(state["model"]))
-        if missing:
-            raise ValueError(f"{run.checkpoints / checkpoint}.pt: lacks model parameters {missing[:5]}")
-        self.model.load_state_dict({k: v for k, v in state["model"].items() if k in served})
-        self.model.eval()
-        self.tasks = model_tasks(config, dataset)
-        self.schema = dataset.schema
+        saved = open_run(run_dir, checkpoint, device=device)
+        self.model, _ = saved.served_model()
+        self.tasks = saved.tasks
+        self.schema = saved.dataset.schema
         self.device = device
-        digest = hashlib.sha256((run.checkpoints / f"{checkpoint}.pt").read_bytes()).hexdigest()
-        self.snapshot_id = f"{run.root.resolve().name}/{checkpoint}@{digest[:12]}"
-        day, batch = state["position"]
-        self.trained_through_us: int | None = _last_trained_time(dataset, day, batch * config.batch_size)
+        digest = hashlib.sha256(saved.path.read_bytes()).hexdigest()
+        self.snapshot_id = f"{saved.run.root.resolve().name}/{checkpoint}@{digest[:12]}"
+        day, batch = saved.state["position"]
+        rows = batch * saved.config.batch_size
+        self.trained_through_us: int | None = _last_trained_time(saved.dataset, day, rows)
         self._columns: list[int | None] = []
 
     def bind(self, dataset: Dataset) -> None:

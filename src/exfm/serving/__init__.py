@@ -2,22 +2,18 @@
 
 from exfm.serving.export import (
     SERVING_FORMAT,
-    ExportError,
     ServingModel,
     export_model,
     export_run,
-    load_serving_state,
     numeric_moments,
     serving_inputs,
 )
 
 __all__ = [
     "SERVING_FORMAT",
-    "ExportError",
     "ServingModel",
     "export_model",
     "export_run",
-    "load_serving_state",
     "numeric_moments",
     "serving_inputs",
 ]

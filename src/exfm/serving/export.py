@@ -55,14 +55,12 @@ from torch import Tensor, nn
 
 import exfm
 from exfm.data.batch import Batch
-from exfm.data.dataset import Dataset, atomic_output_dir, atomic_write_text, open_dataset
+from exfm.data.dataset import Dataset, atomic_output_dir, atomic_write_text
 from exfm.data.reader import CausalNormalizer
 from exfm.models.base import RecModel
-from exfm.models.registry import build_model, count_parameters
+from exfm.models.registry import count_parameters
 from exfm.schema import NumericTransform, Schema
-from exfm.train.config import load_train_config
-from exfm.train.run_dir import RunDirectory
-from exfm.train.trainer import model_tasks
+from exfm.train.run_dir import open_run
 
 SERVING_FORMAT = "exfm-serving/1"
 PROGRAM_FILE = "model.pt2"
@@ -83,10 +81,6 @@ NUMERIC_RULE = (
     "x = fill if missing; x = sign(x) * log1p(|x|) for log1p transforms; x = (x - mean) / std for standardize "
     "transforms; x = clip(x, -clip, clip) if clip is set"
 )
-
-
-class ExportError(ValueError):
-    """A run cannot be exported: a missing, corrupt or incompatible checkpoint."""
 
 
 class ServingModel(nn.Module):
@@ -143,28 +137,6 @@ def serving_inputs(model: RecModel, batch: Batch) -> tuple[Tensor, Tensor, Tenso
     """The exported model's inputs ``(ids, sequences, dense)`` for a dataset batch of ``model``."""
     layout = model.input_layout
     return layout.pack(layout.read(batch, model.embedding_collections()[0].source))
-
-
-def load_serving_state(model: RecModel, state: Mapping[str, Tensor], origin: str = "checkpoint") -> list[str]:
-    """Load the backbone and serving-head weights of a training state into a plain model.
-
-    Keys the plain model does not have (training-only heads, anything else a distillation method
-    registered on the model) are ignored and returned.
-
-    Raises:
-        ExportError: a parameter or buffer of the plain model is missing, or has another shape.
-    """
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    if missing:
-        raise ExportError(f"{origin}: the checkpoint lacks serving parameter(s) {missing}")
-    wrong = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
-    ]
-    if wrong:
-        raise ExportError(f"{origin}: the checkpoint's shapes differ from the run's model: {wrong}")
-    model.load_state_dict({key: state[key] for key in expected})
-    return sorted(set(state) - set(expected))
 
 
 def export_model(
@@ -262,26 +234,11 @@ def export_run(
 
     Raises:
         FileNotFoundError: not a run directory, or no such checkpoint.
-        ExportError: a corrupt checkpoint, or one without every serving parameter.
+        RunError: a corrupt checkpoint, or one without every serving parameter.
     """
-    run = RunDirectory(run_dir)
-    if not run.config_path.exists():
-        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
-    config = load_train_config(run.config_path, {"data": str(data) if data is not None else None, "device": "cpu"})
-    path = run.checkpoints / f"{checkpoint}.pt"
-    try:
-        state = run.load_checkpoint(checkpoint, map_location="cpu")
-    except Exception as exc:  # torch.load raises many types for a truncated or garbled file
-        raise ExportError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
-    if state is None:
-        available = sorted(p.stem for p in run.checkpoints.glob("*.pt"))
-        raise FileNotFoundError(f"{path}: no checkpoint named {checkpoint!r} (available: {available})")
-    if not isinstance(state.get("model"), Mapping) or "position" not in state:
-        raise ExportError(f"{path}: not a training checkpoint (no model state or stream position)")
-
-    dataset = open_dataset(config.data)
-    model = build_model(config.model, dataset.schema, model_tasks(config, dataset))
-    ignored = load_serving_state(model, state["model"], str(path))
+    saved = open_run(run_dir, checkpoint, data=data)
+    config, dataset, state, run = saved.config, saved.dataset, saved.state, saved.run
+    model, ignored = saved.served_model()
     position = tuple(state["position"])
     metadata = {
         "training_method": config.distillation.method,

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from exfm.models.registry import ModelConfig
-from exfm.schema import format_validation_error, read_yaml
+from exfm.schema import Schema, format_validation_error, read_yaml
 
 
 class ConfigError(ValueError):
@@ -117,6 +117,14 @@ class TrainConfig(_Strict):
         if not 1 <= first <= last:
             raise ValueError(f"train_days must be [first, last] with 1 <= first <= last, got {list(self.train_days)}")
         return self
+
+    def tasks_for(self, schema: Schema) -> list[str]:
+        """The model's tasks: ``tasks`` or else every label of ``schema``; unknown ones are an error."""
+        tasks = self.tasks or schema.tasks
+        unknown = sorted(set(tasks) - set(schema.tasks))
+        if unknown:
+            raise ValueError(f"tasks {unknown} are not labels of the dataset's schema ({schema.tasks})")
+        return list(tasks)
 
     @property
     def train_day_list(self) -> list[int]:

@@ -19,14 +19,23 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from exfm.data.dataset import atomic_write_text
+from exfm.data.dataset import Dataset, atomic_write_text, open_dataset
+from exfm.models.base import RecModel
+from exfm.models.registry import build_model
+from exfm.train.config import TrainConfig, load_train_config
 
 CHECKPOINT_FORMAT = "exfm-checkpoint/1"
+
+
+class RunError(ValueError):
+    """A checkpoint is corrupt, incomplete, or does not fit the run's model."""
 
 
 def _json_safe(value: Any) -> Any:
@@ -114,3 +123,78 @@ class RunDirectory:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: not an exfm checkpoint (format {state.get('format')!r})")
         return state
+
+
+@dataclass
+class SavedRun:
+    """A finished or interrupted run as saved on disk: its config, dataset and one checkpoint."""
+
+    run: RunDirectory
+    checkpoint: str
+    config: TrainConfig
+    dataset: Dataset
+    state: dict
+
+    @property
+    def path(self) -> Path:
+        """The checkpoint file."""
+        return self.run.checkpoints / f"{self.checkpoint}.pt"
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.config.tasks_for(self.dataset.schema)
+
+    def served_model(self) -> tuple[RecModel, list[str]]:
+        """The plain model (backbone + serving heads) with the checkpoint's weights, in eval mode,
+        and the checkpoint keys it ignored (training-only heads)."""
+        model = build_model(self.config.model, self.dataset.schema, self.tasks).to(self.config.device)
+        ignored = load_serving_state(model, self.state["model"], str(self.path))
+        return model.eval(), ignored
+
+
+def open_run(
+    run_dir: str | Path, checkpoint: str = "last", *, device: str = "cpu", data: str | Path | None = None
+) -> SavedRun:
+    """Open a run directory's config, dataset (``data`` if it moved) and checkpoint.
+
+    Raises:
+        FileNotFoundError: not a run directory, or no such checkpoint (the message lists those there are).
+        RunError: a corrupt or unreadable checkpoint, or one without a model state and stream position.
+    """
+    run = RunDirectory(run_dir)
+    if not run.config_path.exists():
+        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
+    config = load_train_config(run.config_path, {"device": device, "data": str(data) if data is not None else None})
+    path = run.checkpoints / f"{checkpoint}.pt"
+    try:
+        state = run.load_checkpoint(checkpoint, map_location=device)
+    except Exception as exc:  # torch.load raises many types for a truncated or garbled file
+        raise RunError(f"{path}: corrupt or unreadable checkpoint ({type(exc).__name__}: {exc})") from exc
+    if state is None:
+        available = sorted(p.stem for p in run.checkpoints.glob("*.pt"))
+        raise FileNotFoundError(f"{path}: no checkpoint named {checkpoint!r} (available: {available})")
+    if not isinstance(state.get("model"), Mapping) or "position" not in state:
+        raise RunError(f"{path}: not a training checkpoint (no model state or stream position)")
+    return SavedRun(run, checkpoint, config, open_dataset(config.data), state)
+
+
+def load_serving_state(model: RecModel, state: Mapping[str, torch.Tensor], origin: str = "checkpoint") -> list[str]:
+    """Load the backbone and serving-head weights of a training state into a plain model.
+
+    Keys the plain model does not have (training-only heads, anything else a distillation method
+    registered on the model) are ignored and returned.
+
+    Raises:
+        RunError: a parameter or buffer of the plain model is missing, or has another shape.
+    """
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    if missing:
+        raise RunError(f"{origin}: the checkpoint lacks serving parameter(s) {missing}")
+    wrong = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
+    ]
+    if wrong:
+        raise RunError(f"{origin}: the checkpoint's shapes differ from the run's model: {wrong}")
+    model.load_state_dict({key: state[key] for key in expected})
+    return sorted(set(state) - set(expected))

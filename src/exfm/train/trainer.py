@@ -34,11 +34,11 @@ from exfm.data.reader import ReaderPosition, StreamReader
 from exfm.distill.objectives import build_objective
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
-from exfm.train.config import TrainConfig, load_train_config
+from exfm.train.config import TrainConfig
 from exfm.train.metrics import MetricSet, ProgressiveNE, StreamingMetrics
 from exfm.train.objective import Objective
 from exfm.train.optim import Optimizers
-from exfm.train.run_dir import RunDirectory
+from exfm.train.run_dir import RunDirectory, open_run
 
 
 @dataclass
@@ -52,18 +52,10 @@ class TrainResult:
     checkpoint_seconds: float = 0.0
 
 
-def model_tasks(config: TrainConfig, dataset: Dataset) -> list[str]:
-    tasks = config.tasks or dataset.schema.tasks
-    unknown = sorted(set(tasks) - set(dataset.schema.tasks))
-    if unknown:
-        raise ValueError(f"tasks {unknown} are not labels of dataset {dataset.root} ({dataset.schema.tasks})")
-    return list(tasks)
-
-
 def build_for_run(config: TrainConfig, dataset: Dataset) -> RecModel:
     """The run's model, seeded from ``config.seed`` and placed on ``config.device``."""
     torch.manual_seed(config.seed)
-    return build_model(config.model, dataset.schema, model_tasks(config, dataset)).to(config.device)
+    return build_model(config.model, dataset.schema, config.tasks_for(dataset.schema)).to(config.device)
 
 
 def stack_logits(logits: dict[str, torch.Tensor], tasks: list[str]) -> torch.Tensor:
@@ -117,7 +109,7 @@ class _Checkpointer:
 def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train ``config.model`` one pass over ``config.train_days``, then evaluate ``config.eval_days``."""
     dataset = open_dataset(config.data)
-    tasks = model_tasks(config, dataset)
+    tasks = config.tasks_for(dataset.schema)
     model = build_for_run(config, dataset)
     objective = build_objective(config.distillation, model, dataset.schema, tasks)  # adds training heads
     optimizers = Optimizers(model, config.dense_optimizer, config.sparse_optimizer)
@@ -219,20 +211,10 @@ def evaluate_day(
 def evaluate_checkpoint(
     run_dir: str | Path, day: int, checkpoint: str = "last", device: str = "cpu"
 ) -> dict[str, dict[str, MetricSet]]:
-    """Evaluate the model of a run's checkpoint (``last``, ``day-04``, ...) on one day."""
-    run = RunDirectory(run_dir)
-    if not run.config_path.exists():
-        raise FileNotFoundError(f"{run.root}: not a run directory (no config.yaml)")
-    config = load_train_config(run.config_path, {"device": device})
-    state = run.load_checkpoint(checkpoint, map_location=device)
-    if state is None:
-        raise FileNotFoundError(f"{run.checkpoints}: no checkpoint named {checkpoint!r}")
-    dataset = open_dataset(config.data)
-    model = build_for_run(config, dataset)
-    tasks = model_tasks(config, dataset)
-    build_objective(config.distillation, model, dataset.schema, tasks)  # the checkpoint holds its training heads
-    model.load_state_dict(state["model"])
-    return evaluate_day(model, dataset, day, tasks, config.batch_size, device)
+    """Evaluate the served model of a run's checkpoint (``last``, ``day-04``, ...) on one day."""
+    saved = open_run(run_dir, checkpoint, device=device)
+    model, _ = saved.served_model()
+    return evaluate_day(model, saved.dataset, day, saved.tasks, saved.config.batch_size, device)
 
 
 def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:

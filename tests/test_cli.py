@@ -14,7 +14,10 @@ from exfm.train.config import load_train_config
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("command", [[], ["synth"], ["ingest"], ["train"], ["eval"], ["models"], ["demo"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["synth"], ["ingest"], ["train"], ["eval"], ["supervise"], ["export"], ["experiment"], ["models"], ["demo"]],
+)
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([*command, "--help"])
@@ -64,6 +67,15 @@ def test_synth_ingest_train_eval(tmp_path, capsys):
     assert main(["eval", "--run", str(run), "--day", "4", "--checkpoint", "day-02", "--by-domain"]) == 0
     out = capsys.readouterr().out
     assert "day-02" in out and "search" in out
+    # The FM's predictions logged next to day 4, then the served model exported.
+    supervised = tmp_path / "supervised"
+    assert main(["supervise", "--data", str(ingested), "--out", str(supervised), "--days", "4",
+                 "--teacher-run", str(run), "--checkpoint", "day-02"]) == 0  # fmt: skip
+    day4 = json.loads((supervised / "manifest.json").read_text())["days"][3]
+    assert day4["rows"] > 0 and "day-02" in capsys.readouterr().out
+    assert main(["export", str(run), "--out", str(tmp_path / "served"), "--no-onnx"]) == 0
+    manifest = json.loads((tmp_path / "served" / "manifest.json").read_text())
+    assert manifest["tasks"] == ["click", "like", "follow"] and manifest["training_method"] == "none"
 
 
 def test_models_lists_the_zoo_with_parameters_and_compute(capsys):

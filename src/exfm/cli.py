@@ -104,7 +104,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     manifest = export_run(args.run, args.out, args.checkpoint, data=args.data, onnx=not args.no_onnx,
                           overwrite=args.overwrite)  # fmt: skip
-    print(f"exported {manifest['parameter_count']:,} parameters ({manifest['training_method']}) to {args.out}")
+    print(f"exported {manifest['parameter_count']['total']:,} parameters ({manifest['training_method']}) to {args.out}")
 
 
 def _cmd_experiment(args: argparse.Namespace) -> None:

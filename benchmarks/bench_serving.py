@@ -10,7 +10,7 @@ stream (1 and 512 examples), one thread, interleaved in alternating A/B blocks s
 order effects cancel. ``serving.latency_ratio`` is the worst ah_sa / none ratio of medians over
 the models and batch sizes (expected 1.0 within noise: the two programs have identical graphs).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_serving.py [--rounds 40]
+    OMP_NUM_THREADS=1 python benchmarks/bench_serving.py [--full] [--rounds N]
 """
 
 from __future__ import annotations
@@ -51,8 +51,10 @@ def interleaved_ms(a: Callable[[], object], b: Callable[[], object], rounds: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--rounds", type=int, default=40, help="A/B block pairs per model and batch size")
+    parser.add_argument("--rounds", type=int, help="A/B block pairs per model and batch size (default 40, --full 120)")
+    parser.add_argument("--full", action="store_true", help="more rounds: 120 instead of 40")
     args = parser.parse_args()
+    args.rounds = args.rounds or (120 if args.full else 40)
     torch.set_num_threads(1)
     metrics: dict[str, dict] = {}
     ratios: list[float] = []

@@ -35,6 +35,8 @@ def _description(script: Path) -> str:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -45,17 +47,24 @@ def _fmt(value) -> str:
 def _section(result: dict) -> list[str]:
     name = result["benchmark"]
     lines = [f"## {name}", "", _description(HERE / f"bench_{name}.py"), "", f"Machine: {result['machine']}.", ""]
-    settings = {k: v for k, v in result.items() if k not in ("benchmark", "machine", "metrics", "table")}
+    table = result.get("table") if isinstance(result.get("table"), list) else None
+    settings = {
+        k: v
+        for k, v in result.items()
+        if k not in ("benchmark", "machine", "metrics", "table")
+        and (isinstance(v, (int, float, str)) or (isinstance(v, list) and len(str(v)) <= 80))
+    }
     if settings:
         lines += ["Settings: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in settings.items()) + ".", ""]
-    if not result.get("table"):  # a table already shows every per-row metric
+    if table is None:
         lines += ["| metric | value | unit | target |", "|---|---:|---|---|"]
         for metric, m in result["metrics"].items():
-            lines.append(f"| `{metric}` | {_fmt(m['value'])} | {m['unit']} | {m.get('target') or ''} |")
+            unit, target = (str(x or "").replace("|", "\\|") for x in (m["unit"], m.get("target")))
+            lines.append(f"| `{metric}` | {_fmt(m['value'])} | {unit} | {target} |")
     else:
-        columns = list(result["table"][0])
+        columns = list(table[0])  # the table shows every per-row metric
         lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in result["table"]]
+        lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for row in table]
     return [*lines, ""]
 
 

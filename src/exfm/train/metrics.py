@@ -189,13 +189,7 @@ def log_loss_from_probs(labels: ArrayLike, probs: ArrayLike) -> float:
     Returns:
         The mean BCE in nats; NaN for empty inputs.
     """
-    y = _to_float64(labels)
-    p = _to_float64(probs)
-    _check_same_shape(y, p, "probs")
-    if y.numel() == 0:
-        return math.nan
-    p = p.clamp(PROB_EPS, 1.0 - PROB_EPS)
-    return float(-(y * torch.log(p) + (1.0 - y) * torch.log1p(-p)).mean())
+    return log_loss_from_logits(labels, torch.logit(_to_float64(probs).clamp(PROB_EPS, 1.0 - PROB_EPS)))
 
 
 def normalized_entropy(mean_bce: float, base_rate: float) -> float:

@@ -16,7 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["synth"], ["ingest"], ["train"], ["eval"], ["supervise"], ["export"], ["experiment"], ["models"], ["demo"]],
+    [
+        [],
+        ["synth"],
+        ["ingest"],
+        ["train"],
+        ["eval"],
+        ["supervise"],
+        ["export"],
+        ["experiment"],
+        ["das"],
+        ["das", "publish"],
+        ["models"],
+        ["demo"],
+    ],
 )
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
@@ -76,6 +89,9 @@ def test_synth_ingest_train_eval(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "served"), "--no-onnx"]) == 0
     manifest = json.loads((tmp_path / "served" / "manifest.json").read_text())
     assert manifest["tasks"] == ["click", "like", "follow"] and manifest["training_method"] == "none"
+    assert main(["das", "publish", "--spd", str(tmp_path / "spd"), "--run", str(run), "--fm", "fm"]) == 0
+    assert "published snapshot fm-" in capsys.readouterr().out
+    assert len(list((tmp_path / "spd").glob("fm-*/DONE"))) == 1
 
 
 def test_models_lists_the_zoo_with_parameters_and_compute(capsys):

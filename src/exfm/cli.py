@@ -114,6 +114,13 @@ def _cmd_experiment(args: argparse.Namespace) -> None:
     print(format_theory_table(result))
 
 
+def _cmd_das_publish(args: argparse.Namespace) -> None:
+    from exfm.das.snapshots import publish_snapshot
+
+    info = publish_snapshot(args.spd, args.run, args.checkpoint, fm=args.fm)
+    print(f"published snapshot {info.snapshot_id} to {args.spd}")
+
+
 def _cmd_models(args: argparse.Namespace) -> None:
     from exfm.data.dataset import open_dataset
     from exfm.data.synth import synthetic_schema
@@ -261,6 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, help="rows per synthetic stream (default 200k quick, 1M full)")
     p.add_argument("--quick", action="store_true", help="the small setting (about 1.5 minutes for 3 seeds)")
     p.set_defaults(func=_cmd_experiment)
+
+    das = sub.add_parser(
+        "das",
+        help="the Data Augmentation Service (work in progress: snapshot publishing)",
+        description="The Data Augmentation Service. Built so far: `exfm das publish` (a snapshot of a trained "
+        "FM to the Snapshot Publishing Database); the event log, joiner, shared store, Zeus pointer and loader "
+        "are library APIs in exfm.das; workers and `exfm das worker/status` are not built yet.",
+    )
+    das_sub = das.add_subparsers(dest="das_command", required=True, metavar="DAS_COMMAND")
+    p = das_sub.add_parser(
+        "publish",
+        help="publish an FM snapshot (served weights, manifest with checksum, DONE marker last)",
+        description="Write <SPD>/<snapshot id>/weights.safetensors, manifest.json (checksum, config, "
+        "train-through time) and a DONE marker, each atomically, so that a reader never sees a partial snapshot.",
+    )
+    p.add_argument("--spd", required=True, type=Path, help="the Snapshot Publishing Database directory")
+    p.add_argument("--run", required=True, type=Path, help="the FM's run directory of `exfm train`")
+    p.add_argument("--checkpoint", default="last", help="checkpoint name: last (default), day-04, ...")
+    p.add_argument("--fm", required=True, help="the FM's name (one pointer per FM in Zeus)")
+    p.set_defaults(func=_cmd_das_publish)
 
     p = sub.add_parser(
         "models",

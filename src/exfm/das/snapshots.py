@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from exfm.data.dataset import TIME_COLUMN, Dataset, atomic_write_text
+from exfm.data.dataset import TIME_COLUMN, Dataset, atomic_write_bytes, atomic_write_text
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
 from exfm.schema import parse_schema
@@ -78,15 +78,6 @@ class SnapshotInfo:
     @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_NAME
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_snapshot(
@@ -137,7 +128,7 @@ def write_snapshot(
         "schema": schema,
         "source": source or {},
     }
-    _atomic_write_bytes(staging / WEIGHTS_NAME, blob)
+    atomic_write_bytes(staging / WEIGHTS_NAME, blob)
     atomic_write_text(staging / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
     final = root / snapshot_id
     os.replace(staging, final)

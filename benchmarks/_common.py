@@ -54,15 +54,7 @@ def write_random_dataset(out: Path, rows: int, days: int = 4, categorical: int =
     import numpy as np
     import pyarrow as pa
 
-    from exfm.data.dataset import (
-        atomic_output_dir,
-        build_manifest,
-        day_boundaries,
-        partition_arrow_schema,
-        summarize_day,
-        write_day,
-        write_manifest,
-    )
+    from exfm.data.dataset import DatasetWriter, atomic_output_dir, partition_arrow_schema
     from exfm.schema import parse_schema
 
     schema = parse_schema(
@@ -76,12 +68,11 @@ def write_random_dataset(out: Path, rows: int, days: int = 4, categorical: int =
         }
     )
     rng = np.random.default_rng(seed)
-    bounds = day_boundaries(schema.split, 0, 0)
     per_day = rows // days
-    entries = []
     with atomic_output_dir(out, overwrite=True) as staging:
+        writer = DatasetWriter(staging, schema)
         for day in range(1, days + 1):
-            columns = {"_time": np.sort(rng.integers(bounds[day - 1], bounds[day], per_day))}
+            columns = {"_time": np.sort(rng.integers(*writer.day_span(day), per_day))}
             for i in range(categorical):
                 ids = np.minimum(rng.zipf(1.3, per_day), 1 << 40).astype(np.int64)
                 columns[f"c{i}"] = (ids * 2_654_435_761 + i) % (1 << 62) + 1  # distinct nonzero hashes
@@ -90,7 +81,6 @@ def write_random_dataset(out: Path, rows: int, days: int = 4, categorical: int =
             logit = -2.0 + 0.5 * (columns["c0"] % 3 == 0) - 0.5 * (columns["c1"] % 5 == 0)
             columns["click"] = (rng.random(per_day) < 1 / (1 + np.exp(-logit))).astype(np.int8)
             table = pa.table(columns, schema=partition_arrow_schema(schema))
-            files = [write_day(staging, day, table)]
-            entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
-        write_manifest(staging, schema, build_manifest(schema, "benchmark", entries))
+            writer.add_day(day, table)
+        writer.finish("benchmark")
     return out

@@ -9,15 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from exfm.data.dataset import (
-    atomic_output_dir,
-    build_manifest,
-    day_boundaries,
-    partition_arrow_schema,
-    summarize_day,
-    write_day,
-    write_manifest,
-)
+from exfm.data.dataset import DatasetWriter, atomic_output_dir, partition_arrow_schema
 from exfm.data.hashing import stable_hash
 from exfm.schema import Schema, parse_schema
 
@@ -47,12 +39,11 @@ def make_tiny_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, seed: 
     """Write a small random dataset directly in the partition format; returns its directory."""
     schema = tiny_schema().model_copy(update={"split": tiny_schema().split.model_copy(update={"days": days})})
     rng = np.random.default_rng(seed)
-    bounds = day_boundaries(schema.split, 0, 0)
-    entries = []
     with atomic_output_dir(out) as staging:
+        writer = DatasetWriter(staging, schema)
         for day in range(1, days + 1):
             n = rows_per_day
-            time_us = np.sort(rng.integers(bounds[day - 1], bounds[day], n))
+            time_us = np.sort(rng.integers(*writer.day_span(day), n))
             item = rng.integers(1, 30, n)
             hist_len = rng.integers(0, 6, n)
             hist = [list(stable_hash([str(v) for v in rng.integers(1, 30, k)])) for k in hist_len]
@@ -77,12 +68,8 @@ def make_tiny_dataset(out: Path, rows_per_day: int = 1000, days: int = 4, seed: 
                 },
                 schema=partition_arrow_schema(schema),
             )
-            files = [
-                write_day(staging, day, table.slice(0, n // 2), 0),
-                write_day(staging, day, table.slice(n // 2), 1),
-            ]
-            entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
-        write_manifest(staging, schema, build_manifest(schema, "test", entries))
+            writer.add_day(day, table, parts=2)
+        writer.finish("test")
     return out
 
 

@@ -235,6 +235,42 @@ def build_manifest(
     )
 
 
+class DatasetWriter:
+    """Writes the days of a dataset whose day boundaries are fixed by its schema (a calendar split
+    with a ``start``) into a staging directory of :func:`atomic_output_dir`, then its manifest.
+
+    ::
+
+        with atomic_output_dir(out) as staging:
+            writer = DatasetWriter(staging, schema)
+            writer.add_day(1, table)        # a time-sorted table of partition_arrow_schema(schema)
+            manifest = writer.finish("synth")
+    """
+
+    def __init__(self, staging: Path, schema: Schema):
+        if schema.split.mode != "calendar" or schema.split.start is None:
+            raise ValueError("DatasetWriter needs a calendar split with a start date (fixed day boundaries)")
+        self.staging, self.schema = staging, schema
+        self.boundaries = day_boundaries(schema.split, 0, 0)
+        self._entries: list[tuple[int, int, int, list[str], dict]] = []
+
+    def day_span(self, day: int) -> tuple[int, int]:
+        """``[start_us, end_us)`` of a day."""
+        return int(self.boundaries[day - 1]), int(self.boundaries[day])
+
+    def add_day(self, day: int, table: pa.Table, parts: int = 1) -> None:
+        """Write one day's time-sorted table as ``parts`` files and record its summary."""
+        size = -(-table.num_rows // parts)
+        files = [write_day(self.staging, day, table.slice(i * size, size), i) for i in range(parts)]
+        self._entries.append((day, *self.day_span(day), files, summarize_day(table, self.schema)))
+
+    def finish(self, created_by: str, **extra) -> Manifest:
+        """Write ``schema.yaml`` and ``manifest.json`` (last) and return the manifest."""
+        manifest = build_manifest(self.schema, created_by, self._entries, **extra)
+        write_manifest(self.staging, self.schema, manifest)
+        return manifest
+
+
 # --- reading -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Dataset:

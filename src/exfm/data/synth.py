@@ -50,15 +50,11 @@ from exfm.data.dataset import (
     SCHEMA_NAME,
     TIME_COLUMN,
     US_PER_S,
+    DatasetWriter,
     Manifest,
     atomic_output_dir,
     atomic_write_text,
-    build_manifest,
-    day_boundaries,
     partition_arrow_schema,
-    summarize_day,
-    write_day,
-    write_manifest,
 )
 from exfm.data.hashing import stable_hash
 from exfm.schema import (
@@ -659,10 +655,9 @@ def synthesize(
     world = _World.draw(np.random.default_rng(seeds[0]), rows, days)
     histories = _Histories(len(world.user_weight))
     hashes = {name: stable_hash(np.arange(size)) for name, size in _SMALL_VOCABULARIES.items()}
-    bounds = day_boundaries(schema.split, 0, 0)
-    entries = []
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(atomic_output_dir(out, overwrite=overwrite))
+        dataset = DatasetWriter(staging, schema)
         progress = stack.enter_context(tqdm(total=rows, unit="rows", desc="synth", disable=not show_progress))
         writer = None
         if raw_csv:
@@ -671,8 +666,7 @@ def synthesize(
         for day, n in enumerate(_rows_per_day(rows, days), start=1):
             day_rows = _generate_day(world, histories, day, int(n), np.random.default_rng(seeds[day]))
             table = _partition(day_rows, world, schema, hashes)
-            files = [write_day(staging, day, table)]
-            entries.append((day, int(bounds[day - 1]), int(bounds[day]), files, summarize_day(table, schema)))
+            dataset.add_day(day, table)
             if raw_csv:
                 raw = _raw_table(day_rows, schema)
                 if writer is None:
@@ -683,8 +677,4 @@ def synthesize(
             progress.update(int(n))
         if writer is not None:
             writer.close()
-        manifest = build_manifest(
-            schema, "synth", entries, sources=[f"exfm synth --rows {rows} --days {days} --seed {seed}"]
-        )
-        write_manifest(staging, schema, manifest)
-    return manifest
+        return dataset.finish("synth", sources=[f"exfm synth --rows {rows} --days {days} --seed {seed}"])

@@ -15,7 +15,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from exfm.data.dataset import MANIFEST_NAME, open_dataset
@@ -23,7 +22,7 @@ from exfm.data.reader import StreamReader
 from exfm.data.synth import synthesize
 from exfm.experiments.zoo import synthetic_zoo
 from exfm.train.config import TrainConfig, parse_train_config
-from exfm.train.metrics import ALL, MetricSet, StreamingMetrics
+from exfm.train.metrics import ALL, PROB_EPS, MetricSet, StreamingMetrics
 from exfm.train.report import format_eval_table
 from exfm.train.trainer import train
 
@@ -48,9 +47,8 @@ def true_probability_metrics(data: Path, day: int) -> dict[str, dict[str, Metric
     columns = [f"p_{t}" for t in tasks]
     metrics = StreamingMetrics(tasks, dataset.manifest.domains)
     for batch in StreamReader(dataset, [day], 65_536, passthrough=columns):
-        probs = np.stack([batch.passthrough[c].numpy() for c in columns], axis=1).clip(1e-7, 1 - 1e-7)
-        logits = np.log(probs) - np.log1p(-probs)
-        metrics.update(torch.from_numpy(logits), batch.labels, batch.domain)
+        probs = torch.stack([batch.passthrough[c] for c in columns], dim=1)
+        metrics.update(torch.logit(probs, eps=PROB_EPS), batch.labels, batch.domain)
     return metrics.result()
 
 

@@ -82,6 +82,16 @@ class NumericTransform(StrEnum):
     STANDARDIZE = "standardize"
     LOG1P_STANDARDIZE = "log1p_standardize"
 
+    @property
+    def log1p(self) -> bool:
+        """Whether the transform starts with sign(x)·log(1+|x|)."""
+        return self in (NumericTransform.LOG1P, NumericTransform.LOG1P_STANDARDIZE)
+
+    @property
+    def standardizes(self) -> bool:
+        """Whether the transform ends with the causal (x − μ)/σ."""
+        return self in (NumericTransform.STANDARDIZE, NumericTransform.LOG1P_STANDARDIZE)
+
 
 class NumericFeature(_Strict):
     """A float column; missing values become ``fill`` before the transform."""

@@ -34,12 +34,10 @@ import torch
 from exfm.data.batch import Batch, KeyedJagged
 from exfm.data.dataset import DOMAIN_COLUMN, TIME_COLUMN, Dataset
 from exfm.data.hashing import bucketize
-from exfm.schema import NumericTransform
+from exfm.schema import NumericFeature
 
 FM_PREDICTION_PREFIX = "fm:"
 _READ_ROWS = 65_536
-_LOG1P = (NumericTransform.LOG1P, NumericTransform.LOG1P_STANDARDIZE)
-_STANDARDIZE = (NumericTransform.STANDARDIZE, NumericTransform.LOG1P_STANDARDIZE)
 
 
 def fm_prediction_column(task: str) -> str:
@@ -63,12 +61,12 @@ class CausalNormalizer:
     batch (``μ = 0, σ = 1`` before any row). Other transforms are stateless.
     """
 
-    def __init__(self, transforms: Sequence[NumericTransform], fills: Sequence[float], clips: Sequence):
-        self.log1p = np.array([t in _LOG1P for t in transforms], dtype=bool)
-        self.standardize = np.array([t in _STANDARDIZE for t in transforms], dtype=bool)
-        self.fills = np.asarray(fills, dtype=np.float32)
-        self.clips = np.array([np.inf if c is None else c for c in clips], dtype=np.float32)
-        width = len(transforms)
+    def __init__(self, features: Sequence[NumericFeature]):
+        self.log1p = np.array([f.transform.log1p for f in features], dtype=bool)
+        self.standardize = np.array([f.transform.standardizes for f in features], dtype=bool)
+        self.fills = np.asarray([f.fill for f in features], dtype=np.float32)
+        self.clips = np.array([np.inf if f.clip is None else f.clip for f in features], dtype=np.float32)
+        width = len(features)
         self.count = 0
         self.sum = np.zeros(width)
         self.sumsq = np.zeros(width)
@@ -90,14 +88,20 @@ class CausalNormalizer:
         """Add rows ``[B, F]`` to the statistics without transforming them (warm-up)."""
         self._add(self._pre(raw))
 
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(μ, σ)``, each ``[F]``, of the rows observed so far (``μ = 0, σ = 1`` before any row)."""
+        if not self.count:
+            return np.zeros_like(self.sum), np.ones_like(self.sum)
+        mean = self.sum / self.count
+        return mean, np.sqrt(np.maximum(self.sumsq / self.count - mean**2, 1e-12))
+
     def transform(self, raw: np.ndarray) -> np.ndarray:
         """Transform a batch with the statistics of earlier rows, then observe it. ``[B, F] float32``."""
         x = self._pre(raw)
         if self.standardize.any():
             observed = x.copy()
             if self.count:
-                mean = self.sum / self.count
-                std = np.sqrt(np.maximum(self.sumsq / self.count - mean**2, 1e-12))
+                mean, std = self.moments()
                 x[:, self.standardize] = ((x - mean) / std)[:, self.standardize]
             self._add(observed)
         return np.clip(x, -self.clips, self.clips).astype(np.float32, copy=False)
@@ -143,11 +147,7 @@ class StreamReader:
         self.prefetch = prefetch
         self.device = torch.device(device) if device is not None else None
         self.domains = dataset.manifest.domains
-        numeric = self.schema.numeric
-        self._numeric_names = [f.name for f in numeric]
-        self._normalizer = CausalNormalizer(
-            [f.transform for f in numeric], [f.fill for f in numeric], [f.clip for f in numeric]
-        )
+        self._numeric_names = [f.name for f in self.schema.numeric]
 
     # --- sizes ---------------------------------------------------------------------------------
     @property
@@ -169,25 +169,26 @@ class StreamReader:
         yield from _prefetched(self._batches(), self.prefetch)
 
     def _batches(self) -> Iterator[Batch]:
-        self._warm_up()
+        normalizer = self.start_normalizer()
         pin = self.device is not None and self.device.type == "cuda"
         for day in self.days:
             if day < self.start.day:
                 continue
             first = self.start.batch if day == self.start.day else 0
             for index, table in enumerate(self._day_tables(day, first, self._columns()), start=first):
-                batch = self._decode(table, day, index)
+                batch = self._decode(table, day, index, normalizer)
                 if pin:
                     batch = batch.pin_memory().to(self.device, non_blocking=True)
                 elif self.device is not None:
                     batch = batch.to(self.device)
                 yield batch
 
-    def _warm_up(self) -> None:
-        """Feed the normaliser every row before the start position, batch by batch as a reader
-        that started earlier would have (same grouping, so the statistics agree bit for bit)."""
-        if not self._normalizer.standardize.any():
-            return
+    def start_normalizer(self) -> CausalNormalizer:
+        """A normaliser that has observed every row before the start position, batch by batch as a
+        reader that started earlier would have (same grouping, so the statistics agree bit for bit)."""
+        normalizer = CausalNormalizer(self.schema.numeric)
+        if not normalizer.standardize.any():
+            return normalizer
         for info in self.dataset.manifest.days:
             if info.day > self.start.day:
                 break
@@ -196,7 +197,8 @@ class StreamReader:
             for index, table in enumerate(tables):
                 if limit is not None and index >= limit:
                     break
-                self._normalizer.observe(self._numeric_matrix(table))
+                normalizer.observe(self._numeric_matrix(table))
+        return normalizer
 
     def _day_tables(self, day: int, skip_batches: int, columns: list[str]) -> Iterator[pa.Table]:
         """The day's rows as tables of ``batch_size`` rows (the last may be shorter)."""
@@ -238,7 +240,7 @@ class StreamReader:
             return np.zeros((table.num_rows, 0), dtype=np.float32)
         return np.stack([_float_column(table.column(name)) for name in self._numeric_names], axis=1)
 
-    def _decode(self, table: pa.Table, day: int, index: int) -> Batch:
+    def _decode(self, table: pa.Table, day: int, index: int, normalizer: CausalNormalizer) -> Batch:
         schema = self.schema
         rows = table.num_rows
         categorical = schema.categorical
@@ -275,7 +277,7 @@ class StreamReader:
             )
         return Batch(
             sparse=sparse,
-            dense=torch.from_numpy(self._normalizer.transform(self._numeric_matrix(table))),
+            dense=torch.from_numpy(normalizer.transform(self._numeric_matrix(table))),
             labels=torch.from_numpy(labels),
             time_us=torch.from_numpy(table.column(TIME_COLUMN).to_numpy().copy()),
             domain=domain,

@@ -39,27 +39,22 @@ import copy
 import io
 import json
 import logging
-import math
 import platform
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from torch import Tensor, nn
 
 import exfm
 from exfm.data.batch import Batch
 from exfm.data.dataset import Dataset, atomic_output_dir, atomic_write_text
-from exfm.data.reader import CausalNormalizer
+from exfm.data.reader import ReaderPosition, StreamReader
 from exfm.models.base import RecModel
 from exfm.models.registry import count_parameters
-from exfm.schema import NumericTransform, Schema
+from exfm.schema import Schema
 from exfm.train.run_dir import open_run
 
 SERVING_FORMAT = "exfm-serving/1"
@@ -76,7 +71,6 @@ HASHING_RULE = {
     "bucket": "bucket(h) = 0 if h == 0 else 1 + (h mod (buckets - 1)), floor modulo (result in [1, buckets - 1])",
     "sequences": "each item is hashed and bucketed with the buckets of the categorical feature the sequence shares",
 }
-_STANDARDIZE = (NumericTransform.STANDARDIZE, NumericTransform.LOG1P_STANDARDIZE)
 NUMERIC_RULE = (
     "x = fill if missing; x = sign(x) * log1p(|x|) for log1p transforms; x = (x - mean) / std for standardize "
     "transforms; x = clip(x, -clip, clip) if clip is set"
@@ -262,46 +256,15 @@ def numeric_moments(dataset: Dataset, position: tuple[int, int], batch_size: int
     """``{feature: (mean, std)}`` of the standardised numeric features, as the reader has them at ``position``.
 
     ``position = (day, batch)`` is a stream position (the next batch to read); the moments are
-    those of every row before it (:class:`~exfm.data.reader.CausalNormalizer`'s statistics,
-    ``std = sqrt(max(E[x²] − E[x]², 1e-12))``, ``(0, 1)`` before any row), i.e. the transform the
-    reader applies to the batch at ``position``.
+    those of every row before it (:meth:`~exfm.data.reader.StreamReader.start_normalizer`), i.e.
+    the transform the reader applies to the batch at ``position``.
     """
-    numeric = dataset.schema.numeric
-    normalizer = CausalNormalizer([f.transform for f in numeric], [f.fill for f in numeric], [f.clip for f in numeric])
-    if not normalizer.standardize.any():
-        return {}
-    names = [f.name for f in numeric]
     day, batch = position
-    for info in dataset.manifest.days:
-        if info.day > day:
-            break
-        remaining = batch * batch_size if info.day == day else math.inf
-        for path in dataset.day_files(info.day):
-            if remaining <= 0:
-                break
-            table = _numeric_table(path, names)
-            table = table.slice(0, int(min(remaining, table.num_rows)))
-            remaining -= table.num_rows
-            normalizer.observe(np.stack([_floats(table.column(n)) for n in names], axis=1))
-    if normalizer.count == 0:
-        return {f.name: (0.0, 1.0) for f in numeric if f.transform in _STANDARDIZE}
-    mean = normalizer.sum / normalizer.count
-    std = np.sqrt(np.maximum(normalizer.sumsq / normalizer.count - mean**2, 1e-12))
+    reader = StreamReader(dataset, [day], batch_size, start=ReaderPosition(day, batch), prefetch=0)
+    normalizer = reader.start_normalizer()
+    mean, std = normalizer.moments()
+    numeric = dataset.schema.numeric
     return {f.name: (float(mean[i]), float(std[i])) for i, f in enumerate(numeric) if normalizer.standardize[i]}
-
-
-def _numeric_table(path: Path, names: list[str]) -> pa.Table:
-    """The numeric columns of one partition file; a column the file lacks is all missing."""
-    available = set(pq.ParquetFile(path).schema_arrow.names)
-    table = pq.read_table(path, columns=[n for n in names if n in available])
-    for name in names:
-        if name not in available:
-            table = table.append_column(name, pa.nulls(table.num_rows, pa.float32()))
-    return table
-
-
-def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    return pc.fill_null(pc.cast(column, pa.float32()), float("nan")).to_numpy(zero_copy_only=False)
 
 
 def _input_spec(served: ServingModel, schema: Schema, moments: Mapping[str, tuple[float, float]] | None) -> list[dict]:
@@ -332,7 +295,7 @@ def _input_spec(served: ServingModel, schema: Schema, moments: Mapping[str, tupl
         spec = schema.feature(name)
         entry = {"feature": name, "column": spec.source, "transform": str(spec.transform), "fill": spec.fill}
         entry["clip"] = spec.clip
-        if spec.transform in _STANDARDIZE:
+        if spec.transform.standardizes:
             mean, std = (moments or {}).get(name, (None, None))
             entry.update(mean=mean, std=std)
         numeric.append(entry)

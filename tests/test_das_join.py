@@ -13,6 +13,7 @@ from conftest import make_tiny_dataset, tiny_schema
 
 from exfm.das import Impression, Joiner, JoinerConfig, Label, SharedStore, SQLiteEventLog, replay_dataset
 from exfm.das.joiner import US_PER_MINUTE
+from exfm.das.store import REQUEST_ID_COLUMN
 from exfm.data.dataset import TIME_COLUMN, open_dataset
 
 MIN = US_PER_MINUTE
@@ -154,11 +155,13 @@ def test_sqlite_log_dedups_and_reads_from_cursor(tmp_path: Path):
     first = [Impression("r1", 5, {"user": 7, "price": float("nan"), "hist": [1, 2]}, "a"), lab("r1", "click", 1)]
     assert log.append(first) == 2
     assert log.append([*first, lab("r1", "click", 1, 0)]) == 1  # resends ignored, a distinct label kept
-    events, cursor = log.read(0, limit=1)
-    assert events == [Impression("r1", 5, {"user": 7, "price": None, "hist": [1, 2]}, "a")]
-    rest, cursor = log.read(cursor)
-    assert rest == [lab("r1", "click", 1), lab("r1", "click", 1, 0)]
-    assert log.read(cursor) == ([], cursor)
+    [(offset, event)] = log.read(0, limit=1)
+    assert event == Impression("r1", 5, {"user": 7, "price": None, "hist": [1, 2]}, "a")
+    rest = log.read(0, after=offset)
+    assert [e for _, e in rest] == [lab("r1", "click", 1), lab("r1", "click", 1, 0)]
+    assert log.read(0, after=rest[-1][0]) == [] and log.backlog(0, offset) == 2
+    log.trim(0, offset)
+    assert log.read(0) == rest and log.append(first) == 0  # trimmed, but its key still deduplicates
     assert SQLiteEventLog(tmp_path / "log.sqlite")._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with pytest.raises(ValueError, match="value must be 0 or 1"):
         log.append([lab("r1", "click", 1, 2)])
@@ -169,7 +172,7 @@ def test_sqlite_log_dedups_and_reads_from_cursor(tmp_path: Path):
 def join_into_store(log: SQLiteEventLog, store: SharedStore, step_minutes: int = 120) -> Joiner:
     """Read the whole log, advancing an injected watermark in steps and committing each batch."""
     j = joiner()
-    events, _ = log.read(0)
+    events = [event for _, event in log.read(0, limit=10**9)]
     end = max(e.time_us for e in events) + 2 * 60 * MIN
     watermark = min(e.time_us for e in events)
     j.add(events)
@@ -197,6 +200,9 @@ def test_replayed_dataset_joins_back_to_itself_exactly_once(tmp_path: Path):
 
     original = read_rows(source)
     joined = read_rows(tmp_path / "shared")
+    assert joined[REQUEST_ID_COLUMN].to_pylist() == [f"{d}:{r}" for d in (1, 2) for r in range(150)]
+    assert joined.column("fm_snapshot").null_count == joined.num_rows  # joined without supervision
+    joined = joined.select(original.column_names)
     assert joined.schema == original.schema
     assert joined.to_pylist() == original.to_pylist()
     assert joined[TIME_COLUMN].to_pylist() == sorted(joined[TIME_COLUMN].to_pylist())
@@ -215,7 +221,7 @@ def test_replayed_dataset_joins_back_to_itself_exactly_once(tmp_path: Path):
         log.append([impression, *labels])
     assert len(log) == j.counters["impressions"] + j.counters["labels"]
     join_into_store(log, store)
-    assert read_rows(tmp_path / "shared").to_pylist() == original.to_pylist()
+    assert read_rows(tmp_path / "shared").select(original.column_names).to_pylist() == original.to_pylist()
     assert open_dataset(tmp_path / "shared").manifest.rows == 300
 
 
@@ -288,5 +294,4 @@ def test_sqlite_log_accepts_concurrent_writers(tmp_path: Path):
     for writer in writers:
         writer.join()
         assert writer.exitcode == 0
-    events, _ = SQLiteEventLog(tmp_path / "log.sqlite").read()
-    assert len(events) == 2 * 100  # overlapping ranges deduplicated
+    assert len(SQLiteEventLog(tmp_path / "log.sqlite").read(0)) == 2 * 100  # overlapping ranges deduplicated

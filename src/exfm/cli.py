@@ -20,8 +20,11 @@ Every command prints a clear error (file, row, field) and exits with status 2 on
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from exfm.data.dataset import DatasetError
@@ -119,6 +122,38 @@ def _cmd_das_publish(args: argparse.Namespace) -> None:
 
     info = publish_snapshot(args.spd, args.run, args.checkpoint, fm=args.fm)
     print(f"published snapshot {info.snapshot_id} to {args.spd}")
+
+
+def _cmd_das_worker(args: argparse.Namespace) -> None:
+    from exfm.das.worker import DASConfig, Worker
+
+    worker = Worker(DASConfig.load(args.config), worker_id=args.worker_id)
+    print(f"DAS worker {worker.worker_id} started", flush=True)
+    stop = threading.Event()
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: stop.set())
+    worker.run(stop, until_idle_s=args.until_idle)
+    status = worker.status()
+    print(f"DAS worker {worker.worker_id} stopped: committed {status['committed']:,} examples, "
+          f"supervision coverage {status['supervision_coverage']:.3f}")  # fmt: skip
+
+
+def _cmd_das_status(args: argparse.Namespace) -> None:
+    from exfm.das.worker import DASConfig, format_status, read_status
+
+    status = read_status(DASConfig.load(args.config))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+
+
+def _cmd_das_replay(args: argparse.Namespace) -> None:
+    from exfm.das.events import replay_into
+    from exfm.das.worker import DASConfig, open_backends
+
+    config = DASConfig.load(args.config)
+    log = open_backends(config).log
+    close = int(max(config.windows_s.values()) * 1e6) + 1 if args.close else None
+    appended = replay_into(log, args.data, args.days, speed=args.speed, close_with_watermark_us=close)
+    print(f"appended {appended:,} events from {args.data}")
 
 
 def _cmd_models(args: argparse.Namespace) -> None:
@@ -271,10 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     das = sub.add_parser(
         "das",
-        help="the Data Augmentation Service (work in progress: snapshot publishing)",
-        description="The Data Augmentation Service. Built so far: `exfm das publish` (a snapshot of a trained "
-        "FM to the Snapshot Publishing Database); the event log, joiner, shared store, Zeus pointer and loader "
-        "are library APIs in exfm.das; workers and `exfm das worker/status` are not built yet.",
+        help="the Data Augmentation Service: workers, status, replay, snapshot publishing",
+        description="The Data Augmentation Service (docs/das.md): equal workers join impressions and labels, "
+        "log the FM's supervision and commit exactly once to the shared store; `publish` adds FM snapshots.",
     )
     das_sub = das.add_subparsers(dest="das_command", required=True, metavar="DAS_COMMAND")
     p = das_sub.add_parser(
@@ -288,6 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="last", help="checkpoint name: last (default), day-04, ...")
     p.add_argument("--fm", required=True, help="the FM's name (one pointer per FM in Zeus)")
     p.set_defaults(func=_cmd_das_publish)
+    p = das_sub.add_parser(
+        "worker",
+        help="run one DAS worker (joiner + FM supervision + updater + loader) until stopped",
+        description="Run one equal DAS task. Workers share the log's partitions through leased claims; start "
+        "as many as you like with the same config. SIGTERM or Ctrl-C stops it cleanly (claims released).",
+    )
+    p.add_argument("--config", required=True, type=Path, help="the DAS config YAML (docs/das.md)")
+    p.add_argument("--worker-id", help="a unique id (default: host-pid-time)")
+    p.add_argument("--until-idle", type=float, help="stop after this many seconds without new log entries")
+    p.set_defaults(func=_cmd_das_worker)
+    p = das_sub.add_parser(
+        "status",
+        help="lag, throughput, window backlog, snapshot per worker, supervision coverage and staleness",
+        description="Print the claims, checkpoints and log backlog per partition and every worker's last report.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="the DAS config YAML")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.set_defaults(func=_cmd_das_status)
+    p = das_sub.add_parser(
+        "replay",
+        help="turn a dataset's rows into impression and label events in the DAS log",
+        description="Append an impression per row and a label per positive task (1 s later) to the configured "
+        "log, optionally paced in event time.",
+    )
+    p.add_argument("--config", required=True, type=Path, help="the DAS config YAML")
+    p.add_argument("--data", required=True, type=Path, help="an exfm dataset")
+    p.add_argument("--days", required=True, type=int, nargs="+", help="days to replay, in order (e.g. 1 2 3 4)")
+    p.add_argument("--speed", type=float, default=0.0, help="event seconds per wall second (default 0: no pacing)")
+    p.add_argument("--close", action="store_true", help="finally send watermarks that close every window")
+    p.set_defaults(func=_cmd_das_replay)
 
     p = sub.add_parser(
         "models",

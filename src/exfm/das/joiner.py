@@ -12,7 +12,8 @@ Rules (all in event time, microseconds):
   tasks' windows, ``close = t + max(W_task)``. A watermark ``w`` promises that every event with
   time ``<= w`` has arrived, so a label exactly at the boundary is seen before the close.
 * **Watermark.** Given explicitly to :meth:`Joiner.advance` (an injectable clock), or derived
-  from the events: the maximum event time seen minus ``allowed_lateness_us``. It never moves back.
+  from the events: the larger of the maximum event time seen minus ``allowed_lateness_us`` and
+  the latest :class:`~exfm.das.events.Watermark` event a producer sent. It never moves back.
 * **Duplicates.** A resent impression (same request id) or label (same request, task, time and
   value) changes nothing; both are counted.
 * **Early labels.** A label whose impression has not arrived is held, and applied when the
@@ -37,9 +38,8 @@ import heapq
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from exfm.das.events import Event, Impression, Label
+from exfm.das.events import Event, Impression, ImpressionBatch, Label, Watermark
 
 US_PER_MINUTE = 60_000_000
 
@@ -69,31 +69,69 @@ class JoinerConfig:
 
 
 @dataclass(frozen=True)
+class Supervision:
+    """The FM's predictions for one impression, and which snapshot made them.
+
+    Attributes:
+        probabilities: probability per task the FM predicts (tasks it lacks are absent).
+        snapshot_id: the SPD snapshot that predicted.
+        trained_through_us: that snapshot's train-through time (µs, UTC).
+    """
+
+    probabilities: Mapping[str, float]
+    snapshot_id: str
+    trained_through_us: int
+
+
+Source = Impression | ImpressionBatch
+"""Where an impression's features live: a single impression, or a row of a batch."""
+
+ImpressionRef = tuple[Source, int]
+"""An impression as ``(source, row)``, as :meth:`Joiner.add` returns them."""
+
+
+def ref_request_id(ref: ImpressionRef) -> str:
+    """The request id of an impression given as ``(source, row)``."""
+    source, row = ref
+    return source.request_id if isinstance(source, Impression) else source.request_ids[row]
+
+
+@dataclass(frozen=True)
 class JoinedExample:
     """One impression with its labels, emitted once its windows have closed.
 
     Attributes:
         request_id: the impression's request id.
         time_us: the impression's event time.
-        features: the impression's features (partition format).
-        domain: the impression's domain.
         labels: 0/1 per task the impression was labelled for.
         close_us: when its last window closed (``time_us + max window``).
+        source: the impression, or the batch it is row ``row`` of (the features stay there, columnar).
+        row: its row in ``source`` if that is a batch.
+        supervision: the FM's predictions, None if the example is emitted without supervision.
     """
 
     request_id: str
     time_us: int
-    features: Mapping[str, Any]
-    domain: str | None
     labels: Mapping[str, int]
     close_us: int
+    source: Source
+    row: int = 0
+    supervision: Supervision | None = None
+
+    @property
+    def impression(self) -> Impression:
+        """The impression (features, domain) this example was joined from."""
+        return self.source if isinstance(self.source, Impression) else self.source.impression(self.row)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
-    impression: Impression
+    request_id: str
+    time_us: int
     tasks: tuple[str, ...]
     close_us: int
+    source: Source
+    row: int
     positive: set[str] = field(default_factory=set)
 
 
@@ -123,6 +161,7 @@ class Joiner:
         self._early_expiry: list[tuple[int, str]] = []
         self._emitted_expiry: list[tuple[int, str]] = []
         self._max_event_us: int | None = None
+        self._source_watermark_us: int | None = None
         self._watermark_us: int | None = None
 
     @property
@@ -136,20 +175,38 @@ class Joiner:
         return len(self._pending)
 
     def event_watermark_us(self) -> int | None:
-        """The watermark derived from the events: latest event time minus the allowed lateness."""
-        if self._max_event_us is None:
-            return None
-        return self._max_event_us - self.config.allowed_lateness_us
+        """The watermark derived from the events: latest event time minus the allowed lateness, or
+        the latest producer watermark if that is later."""
+        derived = None if self._max_event_us is None else self._max_event_us - self.config.allowed_lateness_us
+        candidates = [w for w in (derived, self._source_watermark_us) if w is not None]
+        return max(candidates) if candidates else None
 
-    def add(self, events: Iterable[Event]) -> None:
-        """Take impressions and labels in any order; nothing is emitted until :meth:`advance`."""
+    def add(self, events: Iterable[Event]) -> list[ImpressionRef]:
+        """Take impressions (single or batched) and labels in any order; nothing is emitted until
+        :meth:`advance`.
+
+        Returns:
+            ``(source, row)`` of the impressions that are new (now waiting; resends excluded).
+        """
+        accepted: list[ImpressionRef] = []
+        all_tasks = tuple(self.config.windows_us)
         for event in events:
-            if self._max_event_us is None or event.time_us > self._max_event_us:
-                self._max_event_us = event.time_us
-            if isinstance(event, Impression):
-                self._add_impression(event)
+            if isinstance(event, Watermark):
+                self._source_watermark_us = max(event.time_us, self._source_watermark_us or event.time_us)
+            elif isinstance(event, ImpressionBatch):
+                accepted += self._add_batch(event, all_tasks)
             else:
-                self._add_label(event)
+                if self._max_event_us is None or event.time_us > self._max_event_us:
+                    self._max_event_us = event.time_us
+                if isinstance(event, Label):
+                    self._add_label(event)
+                elif self._add_impression(event.request_id, event.time_us, event.tasks or all_tasks, event, 0):
+                    accepted.append((event, 0))
+        return accepted
+
+    def is_waiting(self, request_id: str) -> bool:
+        """Whether events of this request are still needed: its impression waits, or labels wait for it."""
+        return request_id in self._pending or request_id in self._early
 
     def advance(self, watermark_us: int | None = None) -> list[JoinedExample]:
         """Move the watermark and emit every impression whose windows have all closed.
@@ -171,49 +228,61 @@ class Joiner:
         closed = []
         while self._closing and self._closing[0][0] <= watermark_us:
             closed.append(self._pending[heapq.heappop(self._closing)[1]])
-        closed.sort(key=lambda p: (p.impression.time_us, p.impression.request_id))
+        closed.sort(key=lambda p: (p.time_us, p.request_id))
         examples = []
+        retention = self.config.emitted_retention_us
         for pending in closed:
-            impression = pending.impression
-            del self._pending[impression.request_id]
-            self._emitted[impression.request_id] = pending.close_us
-            heapq.heappush(
-                self._emitted_expiry, (pending.close_us + self.config.emitted_retention_us, impression.request_id)
-            )
+            rid = pending.request_id
+            del self._pending[rid]
+            self._emitted[rid] = pending.close_us
+            heapq.heappush(self._emitted_expiry, (pending.close_us + retention, rid))
             labels = {task: int(task in pending.positive) for task in pending.tasks}
-            for task, value in labels.items():
-                self.counters[f"positives:{task}"] += value
-            examples.append(
-                JoinedExample(
-                    impression.request_id,
-                    impression.time_us,
-                    impression.features,
-                    impression.domain,
-                    labels,
-                    pending.close_us,
-                )
-            )
+            for task in pending.positive:
+                self.counters[f"positives:{task}"] += 1
+            examples.append(JoinedExample(rid, pending.time_us, labels, pending.close_us, pending.source, pending.row))
         self.counters["emitted"] += len(examples)
         self._expire(watermark_us)
         return examples
 
     # --- internals ------------------------------------------------------------------------------
-    def _add_impression(self, impression: Impression) -> None:
-        rid = impression.request_id
+    def _add_batch(self, batch: ImpressionBatch, tasks: tuple[str, ...]) -> list[ImpressionRef]:
+        """:meth:`_add_impression` for every row of a batch (the hot path, kept lean)."""
+        times = batch.times_us
+        if not times:
+            return []
+        self._max_event_us = max(max(times), self._max_event_us or times[0])
+        window = max(self.config.windows_us.values())
+        pending, emitted, early, closing = self._pending, self._emitted, self._early, self._closing
+        accepted = []
+        for row, (rid, time_us) in enumerate(zip(batch.request_ids, times, strict=True)):
+            if rid in pending or rid in emitted:
+                self.counters["duplicate_impressions"] += 1
+                continue
+            waiting = pending[rid] = _Pending(rid, time_us, tasks, time_us + window, batch, row)
+            heapq.heappush(closing, (time_us + window, rid))
+            if rid in early:
+                for label in early.pop(rid):
+                    self._apply(waiting, label)
+            accepted.append((batch, row))
+        self.counters["impressions"] += len(accepted)
+        return accepted
+
+    def _add_impression(self, rid: str, time_us: int, tasks: tuple[str, ...], source: Source, row: int) -> bool:
         if rid in self._pending or rid in self._emitted:
             self.counters["duplicate_impressions"] += 1
-            return
+            return False
         self.counters["impressions"] += 1
-        tasks = impression.tasks or tuple(self.config.windows_us)
-        unknown = [t for t in tasks if t not in self.config.windows_us]
+        windows = self.config.windows_us
+        unknown = [t for t in tasks if t not in windows]
         if unknown:
             raise ValueError(f"impression {rid!r}: no label window for task(s) {unknown}")
-        close = impression.time_us + max(self.config.windows_us[t] for t in tasks)
-        pending = _Pending(impression, tasks, close)
+        close = time_us + max(windows[t] for t in tasks)
+        pending = _Pending(rid, time_us, tasks, close, source, row)
         self._pending[rid] = pending
         heapq.heappush(self._closing, (close, rid))
         for label in self._early.pop(rid, ()):
             self._apply(pending, label)
+        return True
 
     def _add_label(self, label: Label) -> None:
         rid = label.request_id
@@ -237,7 +306,7 @@ class Joiner:
     def _apply(self, pending: _Pending, label: Label) -> None:
         if label.task not in pending.tasks:
             self.counters["ignored_labels"] += 1
-        elif label.time_us > pending.impression.time_us + self.config.windows_us[label.task]:
+        elif label.time_us > pending.time_us + self.config.windows_us[label.task]:
             self.counters["labels_after_window"] += 1
         elif label.value:
             pending.positive.add(label.task)

@@ -35,6 +35,7 @@ from exfm.data.dataset import TIME_COLUMN, Dataset, atomic_write_bytes, atomic_w
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
 from exfm.schema import parse_schema
+from exfm.serving.export import numeric_moments
 from exfm.train.config import parse_train_config
 from exfm.train.run_dir import open_run
 
@@ -89,6 +90,8 @@ def write_snapshot(
     schema: dict[str, Any],
     tasks: list[str],
     train_through_us: int,
+    numeric_moments: dict[str, tuple[float, float]] | None = None,
+    domains: list[str] | None = None,
     source: dict[str, Any] | None = None,
 ) -> SnapshotInfo:
     """Publish a served model's state dict as a new snapshot (the FM trainer's API).
@@ -101,6 +104,9 @@ def write_snapshot(
         schema: the dataset schema (``Schema.model_dump(mode="json")``), to rebuild the model.
         tasks: the model's serving heads, in order.
         train_through_us: time (µs, UTC) of the last example trained on.
+        numeric_moments: ``{feature: (μ, σ)}`` the model's standardised numeric inputs had at the
+            train-through point (DAS normalises with them); None if no feature is standardised.
+        domains: the training dataset's sorted domain values (domain codes are indices into it).
         source: where the weights came from (run directory, checkpoint), kept in the manifest.
 
     Returns:
@@ -124,6 +130,8 @@ def write_snapshot(
         "created_at_us": created_at_us,
         "created_at": datetime.fromtimestamp(created_at_us / 1e6, UTC).isoformat(),
         "tasks": list(tasks),
+        "numeric_moments": {k: list(v) for k, v in (numeric_moments or {}).items()},
+        "domains": list(domains or []),
         "config": config,
         "schema": schema,
         "source": source or {},
@@ -149,6 +157,7 @@ def publish_snapshot(spd_dir: str | Path, run_dir: str | Path, checkpoint: str =
     saved = open_run(run_dir, checkpoint)
     model, _ = saved.served_model()
     day, batch = saved.state["position"]
+    dataset = saved.dataset
     return write_snapshot(
         spd_dir,
         fm,
@@ -156,7 +165,9 @@ def publish_snapshot(spd_dir: str | Path, run_dir: str | Path, checkpoint: str =
         config=saved.config.model_dump(mode="json"),
         schema=saved.dataset.schema.model_dump(mode="json"),
         tasks=saved.tasks,
-        train_through_us=train_through_us(saved.dataset, day, batch * saved.config.batch_size),
+        train_through_us=train_through_us(dataset, day, batch * saved.config.batch_size),
+        numeric_moments=numeric_moments(dataset, (day, batch), saved.config.batch_size),
+        domains=dataset.manifest.domains,
         source={"run_dir": str(Path(run_dir).resolve()), "checkpoint": checkpoint, "position": [day, batch]},
     )
 

@@ -6,17 +6,34 @@ The store's root *is* an exfm dataset (see :mod:`exfm.data.dataset`) that grows 
     ROOT/day=03/part-00007.parquet      rows of commit 7 that fall on day 3, sorted by time
     ROOT/manifest.json, schema.yaml     rewritten atomically after every commit
 
-A commit (:meth:`SharedStore.commit`) runs under SQLite's write lock, in one transaction:
+A commit (:meth:`SharedStore.commit`):
 
-1. drop the examples whose request id is already stored (counted as ``duplicates``),
-2. write the new rows, one file per day, named after the commit's sequence number
-   (each file written under a temporary name, then renamed),
-3. record the request ids, the files and the updated day summaries, and commit.
+1. drops the examples whose request id is already stored (counted as ``duplicates``) and writes
+   the new rows, one file per day, to hidden staging files (the slow part, outside the lock);
+2. under SQLite's write lock, in one transaction: checks the fence, re-checks the request ids
+   (if another writer stored some meanwhile, step 1 is redone under the lock), renames the
+   staging files to names carrying the commit's sequence number, and records the request ids,
+   the files and the updated day summaries.
 
-Writing the same batch twice therefore adds nothing, and a crash before step 3 leaves only
-files that no record names: the next commit reuses the same sequence number and overwrites them.
+Writing the same batch twice therefore adds nothing, and a crash before the transaction commits
+leaves only files that no record names: the next commit reuses the same sequence number and
+overwrites them (a crash between steps may leave a hidden ``.staged-*`` file behind).
+Keeping the lock short matters: a process stopped inside a write transaction (SIGSTOP) blocks
+every other writer of the store until it resumes or dies.
 The manifest lists recorded files only, so a reader never sees uncommitted rows; it is rewritten
 after each commit and when the store is opened.
+
+**Fencing.** A DAS worker commits for one log partition under a claim of the work queue
+(:mod:`exfm.das.queue`). :meth:`SharedStore.open_partition` records the claim's token (refusing
+one older than the newest seen) and returns the partition's checkpoint; :meth:`SharedStore.commit`
+with ``fence=`` accepts the write only while that token is still the newest, and stores the
+partition's new checkpoint (the log offset up to which everything is committed) in the same
+transaction. A worker paused past its lease, whose partition another worker has opened since,
+gets :class:`StaleClaimError` and writes nothing.
+
+Besides the dataset's columns, every row has ``_request_id`` and the supervision columns
+``fm:<task>``, ``fm_snapshot`` and ``fm_trained_through_us`` (null without supervision, see
+:mod:`exfm.distill.supervision`).
 
 Days come from the schema's split, which must be ``calendar`` with a ``start`` date (a stream
 has no known end); rows outside days 1..N are counted in the manifest's ``dropped_out_of_range``.
@@ -26,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,10 +53,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exfm.das.events import write_transaction
+from exfm.das.events import Impression, ImpressionBatch, write_transaction
 from exfm.das.joiner import JoinedExample
 from exfm.data.dataset import (
     DOMAIN_COLUMN,
+    REQUEST_ID_COLUMN,
     TIME_COLUMN,
     DatasetError,
     Moments,
@@ -50,9 +69,22 @@ from exfm.data.dataset import (
     summarize_day,
     write_manifest,
 )
+from exfm.distill.supervision import supervision_columns, supervision_fields
 from exfm.schema import Schema
 
 DB_NAME = "store.sqlite"
+
+
+class StaleClaimError(RuntimeError):
+    """A commit or open under a claim token older than the newest the store has seen."""
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The partition a commit is for, and the claim token it is made under."""
+
+    partition: int
+    token: int
 
 
 @dataclass(frozen=True)
@@ -63,6 +95,23 @@ class CommitResult:
     rows: int
     duplicates: int
     out_of_range: int
+
+
+@dataclass
+class _Prepared:
+    """A commit's new rows, written to staging files but not recorded yet."""
+
+    fresh: list[str]  # request ids to store
+    duplicates: int
+    out_of_range: int
+    days: list[tuple[int, Path, dict]]  # (day, staging file, summary)
+    last_seq: int  # the newest commit when the ids were checked
+
+    def discard(self) -> None:
+        """Delete the staging files that were not moved into place."""
+        for _, staged, _ in self.days:
+            staged.unlink(missing_ok=True)
+        self.days.clear()
 
 
 class SharedStore:
@@ -79,48 +128,127 @@ class SharedStore:
             raise DatasetError(f"schema {schema.name!r}: a shared store needs split.mode calendar with a start date")
         self.root = Path(root)
         self.schema = schema
-        self.arrow_schema = partition_arrow_schema(schema)
+        self.arrow_schema = store_arrow_schema(schema)
         self.boundaries = day_boundaries(schema.split, 0, 0)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.root / DB_NAME, timeout=timeout_s, isolation_level=None)
+        self._db = sqlite3.connect(
+            self.root / DB_NAME, timeout=timeout_s, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(
             "CREATE TABLE IF NOT EXISTS stored (request_id TEXT PRIMARY KEY, seq INTEGER NOT NULL);"
             "CREATE TABLE IF NOT EXISTS commits (seq INTEGER PRIMARY KEY, rows INTEGER NOT NULL,"
-            " duplicates INTEGER NOT NULL, out_of_range INTEGER NOT NULL);"
+            " duplicates INTEGER NOT NULL, out_of_range INTEGER NOT NULL, partition INTEGER, token INTEGER);"
             "CREATE TABLE IF NOT EXISTS files (path TEXT PRIMARY KEY, day INTEGER NOT NULL, seq INTEGER NOT NULL);"
             "CREATE TABLE IF NOT EXISTS days (day INTEGER PRIMARY KEY, summary TEXT NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS partitions (partition INTEGER PRIMARY KEY, token INTEGER NOT NULL,"
+            " checkpoint TEXT);"
         )
         self._write_manifest()
 
-    def commit(self, examples: Sequence[JoinedExample]) -> CommitResult:
-        """Store the examples whose request id is not stored yet, atomically and exactly once."""
-        if not examples:
-            return CommitResult(None, 0, 0, 0)
+    def open_partition(self, fence: Fence) -> str | None:
+        """Start committing for a partition under a new claim; returns its checkpoint (None: none yet).
+
+        Raises:
+            StaleClaimError: a newer token has opened the partition already.
+        """
         with write_transaction(self._db) as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM commits").fetchone()[0]
-            fresh: dict[str, JoinedExample] = {}
-            for example in examples:
-                if example.request_id not in fresh and not self._stored(example.request_id):
-                    fresh[example.request_id] = example
-            duplicates = len(examples) - len(fresh)
-            if not fresh:
-                return CommitResult(None, 0, duplicates, 0)
-            rows = sorted(fresh.values(), key=lambda e: (e.time_us, e.request_id))
-            days = assign_days(np.array([e.time_us for e in rows], dtype=np.int64), self.boundaries)
-            out_of_range = int((days == 0).sum())
-            for day in np.unique(days[days > 0]).tolist():
-                day_table = self._table([e for e, d in zip(rows, days, strict=True) if d == day])
-                relative = f"{day_dir_name(day)}/part-{seq:05d}.parquet"
-                _atomic_write_table(day_table, self.root / relative)
-                db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (relative, day, seq))
-                self._merge_summary(day, summarize_day(day_table, self.schema))
-            db.executemany("INSERT INTO stored VALUES (?, ?)", [(rid, seq) for rid in fresh])
-            db.execute(
-                "INSERT INTO commits VALUES (?, ?, ?, ?)", (seq, len(fresh) - out_of_range, duplicates, out_of_range)
-            )
-        self._write_manifest()
-        return CommitResult(seq, len(fresh) - out_of_range, duplicates, out_of_range)
+            token, checkpoint = self._partition(db, fence.partition)
+            if fence.token < token:
+                raise StaleClaimError(f"partition {fence.partition}: token {fence.token} is older than {token}")
+            db.execute("INSERT OR REPLACE INTO partitions VALUES (?, ?, ?)", (fence.partition, fence.token, checkpoint))
+            return checkpoint
+
+    def checkpoints(self) -> dict[int, tuple[int, str | None]]:
+        """``{partition: (newest token, checkpoint)}`` of every opened partition."""
+        rows = self._db.execute("SELECT partition, token, checkpoint FROM partitions ORDER BY partition")
+        return {partition: (token, checkpoint) for partition, token, checkpoint in rows}
+
+    def commit(
+        self, examples: Sequence[JoinedExample], fence: Fence | None = None, checkpoint: str | None = None
+    ) -> CommitResult:
+        """Store the examples whose request id is not stored yet, atomically and exactly once.
+
+        Args:
+            examples: joined examples, in any order.
+            fence: the partition and claim token of a worker's commit (None: unfenced, e.g. tests).
+            checkpoint: with ``fence``, the partition's new checkpoint, stored in the same transaction.
+
+        Raises:
+            StaleClaimError: ``fence.token`` is no longer the partition's newest (nothing is written).
+        """
+        if not examples and fence is None:
+            return CommitResult(None, 0, 0, 0)
+        prepared = self._prepare(examples)  # the slow part (Parquet files) runs outside the write lock
+        try:
+            with write_transaction(self._db) as db:
+                if fence is not None:
+                    token, _ = self._partition(db, fence.partition)
+                    if fence.token != token:
+                        raise StaleClaimError(
+                            f"partition {fence.partition}: commit under token {fence.token}, but the newest is {token}"
+                        )
+                    db.execute(
+                        "UPDATE partitions SET checkpoint = ? WHERE partition = ?", (checkpoint, fence.partition)
+                    )
+                if self._last_seq() != prepared.last_seq and self._stored_among(prepared.fresh):
+                    prepared.discard()  # another writer stored some of them meanwhile
+                    prepared = self._prepare(examples)
+                result = self._record(db, prepared, fence)
+        finally:
+            prepared.discard()
+        if result.seq is not None:
+            self._write_manifest()
+        return result
+
+    def _prepare(self, examples: Sequence[JoinedExample]) -> _Prepared:
+        """Drop stored and repeated request ids; write each day's rows to a hidden staging file."""
+        last_seq = self._last_seq()
+        unique = list({e.request_id: e for e in reversed(examples)}.values())[::-1]  # first of each id
+        stored = self._stored_among([e.request_id for e in unique])
+        fresh = [e for e in unique if e.request_id not in stored]
+        prepared = _Prepared([e.request_id for e in fresh], len(examples) - len(fresh), 0, [], last_seq)
+        if not fresh:
+            return prepared
+        in_range = assign_days(np.array([e.time_us for e in fresh], dtype=np.int64), self.boundaries) > 0
+        prepared.out_of_range = int((~in_range).sum())
+        if not in_range.any():
+            return prepared
+        table = examples_table(
+            [e for e, keep in zip(fresh, in_range, strict=True) if keep], self.schema, self.arrow_schema
+        )
+        table = table.sort_by([(TIME_COLUMN, "ascending"), (REQUEST_ID_COLUMN, "ascending")])
+        days = assign_days(table.column(TIME_COLUMN).to_numpy(), self.boundaries)
+        for day in np.unique(days[days > 0]).tolist():
+            day_table = table.filter(pa.array(days == day))
+            staged = self.root / day_dir_name(day) / f".staged-{os.getpid()}-{secrets.token_hex(6)}.parquet"
+            _atomic_write_table(day_table, staged)
+            prepared.days.append((day, staged, summarize_day(day_table, self.schema)))
+        return prepared
+
+    def _record(self, db: sqlite3.Connection, prepared: _Prepared, fence: Fence | None) -> CommitResult:
+        """Inside the write transaction: move the staged files to their names and record the commit."""
+        if not prepared.fresh:
+            return CommitResult(None, 0, prepared.duplicates, 0)
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM commits").fetchone()[0]
+        for day, staged, summary in prepared.days:
+            relative = f"{day_dir_name(day)}/part-{seq:05d}.parquet"
+            os.replace(staged, self.root / relative)
+            db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (relative, day, seq))
+            self._merge_summary(day, summary)
+        prepared.days.clear()
+        rows = len(prepared.fresh) - prepared.out_of_range
+        db.executemany("INSERT INTO stored VALUES (?, ?)", [(rid, seq) for rid in prepared.fresh])
+        owner = (fence.partition, fence.token) if fence else (None, None)
+        db.execute(
+            "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, rows, prepared.duplicates, prepared.out_of_range, *owner),
+        )
+        return CommitResult(seq, rows, prepared.duplicates, prepared.out_of_range)
+
+    def commit_log(self) -> list[tuple[int, int, int | None, int | None]]:
+        """``(seq, rows, partition, token)`` of every commit that stored rows, in order (an audit trail)."""
+        return self._db.execute("SELECT seq, rows, partition, token FROM commits ORDER BY seq").fetchall()
 
     def stored_rows(self) -> int:
         """Rows committed so far (out-of-range rows excluded)."""
@@ -130,29 +258,23 @@ class SharedStore:
         self._db.close()
 
     # --- internals ------------------------------------------------------------------------------
-    def _stored(self, request_id: str) -> bool:
-        return self._db.execute("SELECT 1 FROM stored WHERE request_id = ?", (request_id,)).fetchone() is not None
+    @staticmethod
+    def _partition(db: sqlite3.Connection, partition: int) -> tuple[int, str | None]:
+        row = db.execute("SELECT token, checkpoint FROM partitions WHERE partition = ?", (partition,)).fetchone()
+        return row or (0, None)
 
-    def _table(self, examples: list[JoinedExample]) -> pa.Table:
-        """The examples as one partition table (labels of tasks not joined are 0)."""
-        columns: dict[str, list] = {name: [] for name in self.arrow_schema.names}
-        features = [name for name in self.arrow_schema.names if name not in (TIME_COLUMN, DOMAIN_COLUMN)]
-        tasks = set(self.schema.tasks)
-        for example in examples:
-            columns[TIME_COLUMN].append(example.time_us)
-            if DOMAIN_COLUMN in columns:
-                columns[DOMAIN_COLUMN].append(example.domain or "")
-            for name in features:
-                if name in tasks:
-                    columns[name].append(example.labels.get(name, 0))
-                elif name in example.features:
-                    columns[name].append(example.features[name])
-                else:
-                    raise DatasetError(f"joined example {example.request_id!r}: no value for column {name!r}")
-        return pa.table(
-            {name: pa.array(values, self.arrow_schema.field(name).type) for name, values in columns.items()},
-            schema=self.arrow_schema,
-        )
+    def _stored_among(self, request_ids: Sequence[str]) -> set[str]:
+        """Those of ``request_ids`` that are stored already."""
+        found: set[str] = set()
+        for start in range(0, len(request_ids), 900):  # SQLite allows 999 parameters per statement
+            chunk = request_ids[start : start + 900]
+            marks = ",".join("?" * len(chunk))
+            query = f"SELECT request_id FROM stored WHERE request_id IN ({marks})"
+            found.update(row[0] for row in self._db.execute(query, chunk))
+        return found
+
+    def _last_seq(self) -> int:
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM commits").fetchone()[0]
 
     def _merge_summary(self, day: int, summary: dict) -> None:
         row = self._db.execute("SELECT summary FROM days WHERE day = ?", (day,)).fetchone()
@@ -176,6 +298,83 @@ class SharedStore:
             dropped = db.execute("SELECT COALESCE(SUM(out_of_range), 0) FROM commits").fetchone()[0]
             manifest = build_manifest(self.schema, "exfm-das", entries, dropped_out_of_range=dropped)
             write_manifest(self.root, self.schema, manifest)
+
+
+def examples_table(examples: Sequence[JoinedExample], schema: Schema, arrow_schema: pa.Schema) -> pa.Table:
+    """The examples, in order, as a table with the columns of ``arrow_schema``.
+
+    ``arrow_schema`` is :func:`store_arrow_schema` (the store's rows) or
+    :func:`~exfm.data.dataset.partition_arrow_schema` (features and labels only, e.g. FM input).
+    Features are taken column-wise from the examples' impression batches (single impressions are
+    assembled row by row); labels of tasks an example was not labelled for are 0.
+
+    Raises:
+        DatasetError: an impression lacks a feature column.
+    """
+    supervision = supervision_columns(schema.tasks)
+    derived = {REQUEST_ID_COLUMN, *supervision, *schema.tasks}
+    base = pa.schema([f for f in arrow_schema if f.name not in derived])
+    pieces, positions = [], []
+    singles: list[tuple[int, Impression]] = []
+    for source, group in _by_source(examples):
+        if isinstance(source, ImpressionBatch):
+            missing = [name for name in base.names if name not in source.table.column_names]
+            if missing:
+                raise DatasetError(f"impression batch: no column(s) {missing}")
+            pieces.append(source.table.select(base.names).take([examples[i].row for i in group]).cast(base))
+        else:
+            singles += [(i, examples[i].impression) for i in group]
+            continue
+        positions += group
+    if singles:
+        pieces.append(_impressions_table([impression for _, impression in singles], base))
+        positions += [i for i, _ in singles]
+    table = pa.concat_tables(pieces) if pieces else base.empty_table()
+    if positions != sorted(positions):
+        table = table.take(np.argsort(np.asarray(positions), kind="stable"))
+    columns = {name: table.column(name) for name in base.names}
+    columns[REQUEST_ID_COLUMN] = pa.array([e.request_id for e in examples], pa.string())
+    for task in schema.tasks:
+        columns[task] = pa.array([e.labels.get(task, 0) for e in examples], pa.int8())
+    if supervision[0] in arrow_schema.names:
+        given = [e.supervision for e in examples]
+        for task, name in zip(schema.tasks, supervision, strict=False):
+            columns[name] = pa.array([None if g is None else g.probabilities.get(task) for g in given], pa.float32())
+        columns[supervision[-2]] = pa.array([None if g is None else g.snapshot_id for g in given], pa.string())
+        columns[supervision[-1]] = pa.array([None if g is None else g.trained_through_us for g in given], pa.int64())
+    return pa.table([columns[name].cast(arrow_schema.field(name).type) for name in arrow_schema.names], arrow_schema)
+
+
+def _by_source(examples: Sequence[JoinedExample]) -> list[tuple[object, list[int]]]:
+    """Example indices grouped by the batch (or single impression) they come from, in first-seen order."""
+    groups: dict[int, tuple[object, list[int]]] = {}
+    for index, example in enumerate(examples):
+        key = id(example.source) if isinstance(example.source, ImpressionBatch) else -1
+        groups.setdefault(key, (example.source, []))[1].append(index)
+    return list(groups.values())
+
+
+def _impressions_table(impressions: list[Impression], base: pa.Schema) -> pa.Table:
+    """Single impressions as a table of the ``base`` columns (time, features, domain)."""
+    columns: dict[str, list] = {name: [] for name in base.names}
+    features = [name for name in base.names if name not in (TIME_COLUMN, DOMAIN_COLUMN)]
+    for impression in impressions:
+        columns[TIME_COLUMN].append(impression.time_us)
+        if DOMAIN_COLUMN in columns:
+            columns[DOMAIN_COLUMN].append(impression.domain or "")
+        for name in features:
+            if name not in impression.features:
+                raise DatasetError(f"joined example {impression.request_id!r}: no value for column {name!r}")
+            columns[name].append(impression.features[name])
+    return pa.table({name: pa.array(values, base.field(name).type) for name, values in columns.items()}, schema=base)
+
+
+def store_arrow_schema(schema: Schema) -> pa.Schema:
+    """The dataset's partition schema plus ``_request_id`` and the supervision columns."""
+    fields = [pa.field(REQUEST_ID_COLUMN, pa.string(), nullable=False)]
+    fields += [pa.field(name, kind) for name, kind in supervision_fields(schema.tasks)]
+    base = partition_arrow_schema(schema)
+    return pa.schema(list(base) + fields)
 
 
 def _merge(old: dict, new: dict) -> dict:

@@ -48,6 +48,7 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_NAME = "schema.yaml"
 TIME_COLUMN = "_time"
 DOMAIN_COLUMN = "_domain"
+REQUEST_ID_COLUMN = "_request_id"  # DAS: the request an example was joined from (shared store rows)
 US_PER_S = 1_000_000
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +34,7 @@ import torch
 from exfm.data.batch import Batch, KeyedJagged
 from exfm.data.dataset import DOMAIN_COLUMN, TIME_COLUMN, Dataset
 from exfm.data.hashing import bucketize
-from exfm.schema import NumericFeature
+from exfm.schema import NumericFeature, Schema
 
 FM_PREDICTION_PREFIX = "fm:"
 _READ_ROWS = 65_536
@@ -58,7 +58,8 @@ class CausalNormalizer:
 
     For feature j with a ``*standardize`` transform: ``x' = (x - μ_j) / σ_j`` with
     ``μ_j = S1_j / n_j``, ``σ_j = sqrt(max(S2_j / n_j - μ_j², 1e-12))`` over every row before the
-    batch (``μ = 0, σ = 1`` before any row). Other transforms are stateless.
+    batch (``μ = 0, σ = 1`` before any row). Other transforms are stateless. A normaliser made
+    by :meth:`frozen` applies fixed moments and observes nothing (serving a snapshot).
     """
 
     def __init__(self, features: Sequence[NumericFeature]):
@@ -70,6 +71,19 @@ class CausalNormalizer:
         self.count = 0
         self.sum = np.zeros(width)
         self.sumsq = np.zeros(width)
+        self.observing = True
+
+    @classmethod
+    def frozen(cls, features: Sequence[NumericFeature], moments: Mapping[str, Sequence[float]]) -> CausalNormalizer:
+        """A normaliser with fixed ``{feature: (μ, σ)}`` (as :meth:`moments` reported them) that never observes."""
+        normalizer = cls(features)
+        mean, std = normalizer.moments()
+        for i, feature in enumerate(features):
+            if normalizer.standardize[i]:
+                mean[i], std[i] = moments[feature.name]
+        normalizer.count, normalizer.sum, normalizer.sumsq = 1, mean, std**2 + mean**2
+        normalizer.observing = False
+        return normalizer
 
     def _pre(self, raw: np.ndarray) -> np.ndarray:
         """Fill missing values and apply log1p where configured. ``[B, F] -> [B, F]``."""
@@ -103,7 +117,8 @@ class CausalNormalizer:
             if self.count:
                 mean, std = self.moments()
                 x[:, self.standardize] = ((x - mean) / std)[:, self.standardize]
-            self._add(observed)
+            if self.observing:
+                self._add(observed)
         return np.clip(x, -self.clips, self.clips).astype(np.float32, copy=False)
 
 
@@ -197,7 +212,7 @@ class StreamReader:
             for index, table in enumerate(tables):
                 if limit is not None and index >= limit:
                     break
-                normalizer.observe(self._numeric_matrix(table))
+                normalizer.observe(numeric_matrix(table, self._numeric_names))
         return normalizer
 
     def _day_tables(self, day: int, skip_batches: int, columns: list[str]) -> Iterator[pa.Table]:
@@ -234,58 +249,92 @@ class StreamReader:
         return columns + self.passthrough
 
     # --- decoding ------------------------------------------------------------------------------
-    def _numeric_matrix(self, table: pa.Table | pa.RecordBatch) -> np.ndarray:
-        """``[B, F_num]`` float32 raw numerics with NaN for missing."""
-        if not self._numeric_names:
-            return np.zeros((table.num_rows, 0), dtype=np.float32)
-        return np.stack([_float_column(table.column(name)) for name in self._numeric_names], axis=1)
-
     def _decode(self, table: pa.Table, day: int, index: int, normalizer: CausalNormalizer) -> Batch:
-        schema = self.schema
-        rows = table.num_rows
-        categorical = schema.categorical
-        sequences = schema.sequences
-        # Sparse: single-valued categoricals first (key-major), then sequences.
-        single = np.empty((len(categorical), rows), dtype=np.int64)
-        for i, feature in enumerate(categorical):
-            single[i] = table.column(feature.name).to_numpy()
-        parts = [_bucket_rows(single, categorical)]
-        lengths = [torch.ones(len(categorical) * rows, dtype=torch.int32)]
-        for feature in sequences:
-            column = table.column(feature.name).combine_chunks()
-            flat = pc.list_flatten(column).to_numpy(zero_copy_only=False, writable=True)
-            buckets = schema.feature(feature.embedding).buckets
-            parts.append(bucketize(torch.from_numpy(flat.astype(np.int64, copy=False)), buckets))
-            lengths.append(torch.from_numpy(pc.list_value_length(column).to_numpy().astype(np.int32)))
-        sparse = KeyedJagged(
-            keys=[f.name for f in categorical] + [f.name for f in sequences],
-            values=torch.cat(parts),
-            lengths=torch.cat(lengths),
-            stride=rows,
-            num_single=len(categorical),
-        )
-        labels = np.stack([table.column(t).to_numpy().astype(np.float32) for t in schema.tasks], axis=1)
-        if schema.domain is not None:
-            codes = pc.index_in(table.column(DOMAIN_COLUMN), value_set=pa.array(self.domains, pa.string()))
-            domain = torch.from_numpy(pc.fill_null(codes, -1).to_numpy().astype(np.int64))
-        else:
-            domain = torch.full((rows,), -1, dtype=torch.int64)
-        fm_predictions = None
-        if self.with_fm_predictions:
-            fm_predictions = torch.from_numpy(
-                np.stack([_float_column(table.column(fm_prediction_column(t))) for t in schema.tasks], axis=1)
-            )
-        return Batch(
-            sparse=sparse,
-            dense=torch.from_numpy(normalizer.transform(self._numeric_matrix(table))),
-            labels=torch.from_numpy(labels),
-            time_us=torch.from_numpy(table.column(TIME_COLUMN).to_numpy().copy()),
-            domain=domain,
+        return decode_table(
+            table,
+            self.schema,
+            self.domains,
+            normalizer,
             day=day,
             index_in_day=index,
-            fm_predictions=fm_predictions,
-            passthrough={n: torch.from_numpy(_float_column(table.column(n))) for n in self.passthrough},
+            with_fm_predictions=self.with_fm_predictions,
+            passthrough=self.passthrough,
         )
+
+
+def decode_table(
+    table: pa.Table,
+    schema: Schema,
+    domains: Sequence[str],
+    normalizer: CausalNormalizer,
+    *,
+    day: int = 0,
+    index_in_day: int = 0,
+    with_fm_predictions: bool = False,
+    passthrough: Sequence[str] = (),
+) -> Batch:
+    """Decode rows in the partition format into a :class:`Batch` (``B = table.num_rows``).
+
+    Args:
+        table: the columns :meth:`StreamReader._columns` names.
+        schema: the feature schema.
+        domains: the dataset's sorted domain values (a domain's code is its index; unknown = -1).
+        normalizer: transforms the numeric features (and observes them unless frozen).
+        day, index_in_day: where the batch is in the stream.
+        with_fm_predictions: decode ``fm:<task>`` into ``fm_predictions`` (NaN where null).
+        passthrough: passthrough columns to carry.
+    """
+    rows = table.num_rows
+    categorical = schema.categorical
+    sequences = schema.sequences
+    # Sparse: single-valued categoricals first (key-major), then sequences.
+    single = np.empty((len(categorical), rows), dtype=np.int64)
+    for i, feature in enumerate(categorical):
+        single[i] = table.column(feature.name).to_numpy()
+    parts = [_bucket_rows(single, categorical)]
+    lengths = [torch.ones(len(categorical) * rows, dtype=torch.int32)]
+    for feature in sequences:
+        column = table.column(feature.name).combine_chunks()
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False, writable=True)
+        buckets = schema.feature(feature.embedding).buckets
+        parts.append(bucketize(torch.from_numpy(flat.astype(np.int64, copy=False)), buckets))
+        lengths.append(torch.from_numpy(pc.list_value_length(column).to_numpy().astype(np.int32)))
+    sparse = KeyedJagged(
+        keys=[f.name for f in categorical] + [f.name for f in sequences],
+        values=torch.cat(parts),
+        lengths=torch.cat(lengths),
+        stride=rows,
+        num_single=len(categorical),
+    )
+    labels = np.stack([table.column(t).to_numpy().astype(np.float32) for t in schema.tasks], axis=1)
+    if schema.domain is not None:
+        codes = pc.index_in(table.column(DOMAIN_COLUMN), value_set=pa.array(list(domains), pa.string()))
+        domain = torch.from_numpy(pc.fill_null(codes, -1).to_numpy().astype(np.int64))
+    else:
+        domain = torch.full((rows,), -1, dtype=torch.int64)
+    fm_predictions = None
+    if with_fm_predictions:
+        fm_predictions = torch.from_numpy(
+            np.stack([_float_column(table.column(fm_prediction_column(t))) for t in schema.tasks], axis=1)
+        )
+    return Batch(
+        sparse=sparse,
+        dense=torch.from_numpy(normalizer.transform(numeric_matrix(table, [f.name for f in schema.numeric]))),
+        labels=torch.from_numpy(labels),
+        time_us=torch.from_numpy(table.column(TIME_COLUMN).to_numpy().copy()),
+        domain=domain,
+        day=day,
+        index_in_day=index_in_day,
+        fm_predictions=fm_predictions,
+        passthrough={n: torch.from_numpy(_float_column(table.column(n))) for n in passthrough},
+    )
+
+
+def numeric_matrix(table: pa.Table | pa.RecordBatch, names: Sequence[str]) -> np.ndarray:
+    """``[B, F_num]`` float32 raw numerics of the columns ``names``, NaN for missing."""
+    if not names:
+        return np.zeros((table.num_rows, 0), dtype=np.float32)
+    return np.stack([_float_column(table.column(name)) for name in names], axis=1)
 
 
 def _bucket_rows(single: np.ndarray, categorical) -> torch.Tensor:

@@ -84,6 +84,7 @@ __all__ = [
     "Teacher",
     "log_supervision",
     "supervision_columns",
+    "supervision_fields",
 ]
 
 FM_SNAPSHOT_COLUMN = "fm_snapshot"
@@ -527,7 +528,7 @@ def _day_supervision(batches: Iterator[Batch], rows: int, teacher: Teacher, task
 
 def _with_null_supervision(table: pa.Table, tasks: Sequence[str]) -> pa.Table:
     """Add the supervision columns a partition lacks, all null."""
-    for name, kind in _supervision_fields(tasks):
+    for name, kind in supervision_fields(tasks):
         if name not in table.column_names:
             table = table.append_column(pa.field(name, kind), pa.nulls(table.num_rows, kind))
     return table
@@ -547,11 +548,12 @@ def _with_supervision(table: pa.Table, day: _DaySupervision, start: int, tasks: 
     values = [pa.array(probs[:, i], pa.float32(), mask=np.isnan(probs[:, i])) for i in range(len(tasks))]
     values.append(pa.repeat(pa.scalar(day.snapshot_id, pa.string()), n))
     values.append(pa.array(day.trained_through_us[start : start + n], pa.int64()))
-    for (name, kind), array in zip(_supervision_fields(tasks), values, strict=True):
+    for (name, kind), array in zip(supervision_fields(tasks), values, strict=True):
         table = table.append_column(pa.field(name, kind), array)
     return table
 
 
-def _supervision_fields(tasks: Sequence[str]) -> list[tuple[str, pa.DataType]]:
+def supervision_fields(tasks: Sequence[str]) -> list[tuple[str, pa.DataType]]:
+    """``(name, Arrow type)`` of the supervision columns (:func:`supervision_columns`)."""
     kinds = [pa.float32()] * len(tasks) + [pa.string(), pa.int64()]
     return list(zip(supervision_columns(tasks), kinds, strict=True))

@@ -1,0 +1,170 @@
+"""FM supervision inside the label window: one batched FM inference per impression, under a budget.
+
+While an impression waits for its labels, the worker hands it to the :class:`Supervisor`, which
+runs the FM snapshot the worker serves on batches of impressions in a background thread. When the
+joiner emits the example, :meth:`Supervisor.attach` adds the FM's probabilities, the snapshot id
+and its train-through time. The rule that keeps a slow FM from holding back the label window:
+
+* emission waits for an impression's inference at most until ``submitted + latency_budget_s``
+  (wall clock); past that the example is emitted **without** supervision and counted as
+  ``unsupervised_timeout`` (the inference keeps running; its result is discarded);
+* an FM that raises: the batch's examples are emitted without supervision, ``unsupervised_error``;
+* no snapshot loaded yet: ``unsupervised_no_snapshot``.
+
+One inference serves every VM: the shared store holds one row per impression, and each VM reads
+its own view of it, so ``fm_rows / emitted`` is 1 however many VMs read the impression.
+
+:class:`SnapshotFM` is what the worker's :class:`~exfm.das.loader.SnapshotLoader` builds from a
+snapshot: the served model plus what is needed to turn impressions into its input (schema,
+domain list, and the numeric moments frozen at the snapshot's train-through point).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from exfm.das.joiner import ImpressionRef, JoinedExample, Supervision, ref_request_id
+from exfm.das.snapshots import SnapshotInfo, build_served_model
+from exfm.das.store import examples_table
+from exfm.data.dataset import partition_arrow_schema
+from exfm.data.reader import CausalNormalizer, decode_table
+from exfm.models.base import RecModel
+from exfm.schema import Schema, parse_schema
+
+
+@dataclass(frozen=True)
+class SnapshotFM:
+    """A loaded FM snapshot, ready to predict impressions."""
+
+    info: SnapshotInfo
+    model: RecModel
+    schema: Schema
+    tasks: tuple[str, ...]
+    domains: tuple[str, ...]
+    normalizer: CausalNormalizer
+
+    @classmethod
+    def build(cls, info: SnapshotInfo, state: dict[str, torch.Tensor]) -> SnapshotFM:
+        """The loader's ``build``: the served model and its input transform, from the manifest."""
+        schema = parse_schema(info.manifest["schema"], str(info.path))
+        moments = info.manifest.get("numeric_moments", {})
+        return cls(
+            info,
+            build_served_model(info, state),
+            schema,
+            tuple(info.manifest["tasks"]),
+            tuple(info.manifest.get("domains", [])),
+            CausalNormalizer.frozen(schema.numeric, moments),
+        )
+
+    @torch.no_grad()
+    def predict(self, impressions: Sequence[ImpressionRef]) -> dict[str, np.ndarray]:
+        """``{task: [B] probability}`` for the impressions (``(source, row)``, features in the partition format)."""
+        rows = [JoinedExample(ref_request_id(ref), 0, {}, 0, *ref) for ref in impressions]
+        table = examples_table(rows, self.schema, partition_arrow_schema(self.schema))
+        batch = decode_table(table, self.schema, self.domains, self.normalizer)
+        logits = self.model(batch, heads=list(self.tasks))
+        return {task: torch.sigmoid(logits[task]).float().numpy() for task in self.tasks}
+
+
+@dataclass
+class _Job:
+    """One batch of impressions sent to the FM, and when emission stops waiting for it."""
+
+    future: Future
+    deadline: float
+
+
+class Supervisor:
+    """Batches new impressions to the FM in a background thread; see the module docstring.
+
+    Args:
+        current_fm: returns the snapshot to use now (the loader's current one), or None.
+        latency_budget_s: how long after submission an example's emission may wait for its inference.
+        max_batch: impressions per FM call.
+        clock: wall-clock seconds (injectable for tests).
+    """
+
+    def __init__(
+        self,
+        current_fm: Callable[[], SnapshotFM | None],
+        latency_budget_s: float = 1.0,
+        max_batch: int = 4096,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.current_fm = current_fm
+        self.latency_budget_s = latency_budget_s
+        self.max_batch = max_batch
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self._jobs: dict[str, _Job] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="das-fm")
+        self._lock = threading.Lock()
+
+    def submit(self, impressions: Sequence[ImpressionRef]) -> None:
+        """Queue new impressions (``(source, row)``, as the joiner accepted them) for inference,
+        in batches of at most ``max_batch``."""
+        for start in range(0, len(impressions), self.max_batch):
+            chunk = list(impressions[start : start + self.max_batch])
+            job = _Job(self._pool.submit(self._infer, chunk), self.clock() + self.latency_budget_s)
+            for ref in chunk:
+                self._jobs[ref_request_id(ref)] = job
+
+    def attach(self, examples: Sequence[JoinedExample]) -> list[JoinedExample]:
+        """The examples with their FM supervision where it arrived within the budget."""
+        out = []
+        for example in examples:
+            job = self._jobs.pop(example.request_id, None)
+            supervision = None if job is None else self._await(job, example.request_id)
+            out.append(replace(example, supervision=supervision) if supervision is not None else example)
+        self.counters["emitted"] += len(out)
+        return out
+
+    def forget(self, request_ids: Sequence[str]) -> None:
+        """Stop waiting for requests whose examples will not be emitted by this worker."""
+        for request_id in request_ids:
+            self._jobs.pop(request_id, None)
+
+    def close(self) -> None:
+        """Stop the inference thread without waiting for a running FM call."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _await(self, job: _Job, request_id: str) -> Supervision | None:
+        done, _ = wait_for([job.future], timeout=max(job.deadline - self.clock(), 0.0))
+        if not done:
+            self.counters["unsupervised_timeout"] += 1
+            return None
+        if job.future.exception() is not None:
+            self.counters["unsupervised_error"] += 1
+            return None
+        result = job.future.result()
+        if result is None:
+            self.counters["unsupervised_no_snapshot"] += 1
+            return None
+        self.counters["supervised"] += 1
+        return result[request_id]
+
+    def _infer(self, impressions: list[ImpressionRef]) -> dict[str, Supervision] | None:
+        fm = self.current_fm()
+        if fm is None:
+            return None
+        with self._lock:
+            self.counters["fm_calls"] += 1
+            self.counters["fm_rows"] += len(impressions)
+        probabilities = fm.predict(impressions)
+        info = fm.info
+        return {
+            ref_request_id(ref): Supervision(
+                {task: float(p[row]) for task, p in probabilities.items()}, info.snapshot_id, info.train_through_us
+            )
+            for row, ref in enumerate(impressions)
+        }

@@ -1,13 +1,24 @@
-"""Shared fixtures: a tiny hand-built dataset in the exfm format (no ingest or synth needed)."""
+"""Shared fixtures: a tiny hand-built dataset in the exfm format (no ingest or synth needed), and
+real Redis / ZooKeeper servers for the distributed DAS backends (see ``services.py``)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from services import (
+    RedisServer,
+    ZeusHarness,
+    ZooKeeperServer,
+    redis_available,
+    unique,
+    zookeeper_available,
+)
 
 from exfm.data.dataset import DatasetWriter, atomic_output_dir, partition_arrow_schema
 from exfm.data.hashing import stable_hash
@@ -101,3 +112,75 @@ def _one_thread():
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return make_tiny_dataset(tmp_path / "tiny")
+
+
+# --- real servers for the distributed DAS backends -------------------------------------------------
+# A missing server (or client package) skips the tests that need it, unless EXFM_REQUIRE_SERVICES=1
+# (CI), which turns the skip into a failure. Servers are killed when their fixture ends.
+
+
+def require_service(reason: str | None) -> None:
+    """Skip (or, with ``EXFM_REQUIRE_SERVICES=1``, fail) the test if ``reason`` says a service is missing."""
+    if reason is None:
+        return
+    if os.environ.get("EXFM_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}; EXFM_REQUIRE_SERVICES=1 requires it", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Redis server for the session (tests use ``redis_client``, which empties it first)."""
+    require_service(redis_available())
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis server of this test alone (to kill and restart)."""
+    require_service(redis_available())
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer):
+    """A restart-proof client of the session's Redis server, emptied (``FLUSHALL``) for this test."""
+    from exfm.das.redis_backend import connect_redis
+
+    client = connect_redis(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def zookeeper_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeperServer]:
+    """One ZooKeeper server for the session (tests work under their own ``zookeeper_root``)."""
+    require_service(zookeeper_available())
+    with ZooKeeperServer(tmp_path_factory.mktemp("zookeeper")) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_zookeeper_server(tmp_path: Path) -> Iterator[ZooKeeperServer]:
+    """A ZooKeeper server of this test alone (to kill and restart)."""
+    require_service(zookeeper_available())
+    with ZooKeeperServer(tmp_path / "zookeeper") as server:
+        yield server
+
+
+@pytest.fixture
+def zookeeper_root() -> str:
+    """A fresh znode root for one test on the session's ZooKeeper server."""
+    return unique("/exfm-test/")
+
+
+@pytest.fixture(params=["sqlite", "zookeeper"])
+def zeus_harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ZeusHarness]:
+    """Each Zeus backend in turn: ``open()`` another task's store, ``lapse(store)`` its leases."""
+    server = request.getfixturevalue("zookeeper_server") if request.param == "zookeeper" else None
+    harness = ZeusHarness(request.param, tmp_path, server)
+    yield harness
+    harness.close()

@@ -1,4 +1,7 @@
-"""DAS snapshots: atomic SPD publish, Zeus pointer (CAS, lease, pins), loaders and GC."""
+"""DAS snapshots: atomic SPD publish, Zeus pointer (CAS, lease, pins), loaders and GC.
+
+The Zeus tests run on every backend (``zeus_harness``: SQLite, and ZooKeeper on a real server).
+"""
 
 from __future__ import annotations
 
@@ -24,7 +27,6 @@ from exfm.das.snapshots import (
     verify,
     write_snapshot,
 )
-from exfm.das.zeus import SQLiteZeus
 from exfm.data.dataset import TIME_COLUMN, open_dataset
 from exfm.train.config import parse_train_config
 from exfm.train.run_dir import open_run
@@ -32,16 +34,6 @@ from exfm.train.trainer import train
 
 FM = "fm"
 T = TypeVar("T")
-
-
-class FakeClock:
-    """A settable clock for leases."""
-
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _publish(spd: Path, value: float, train_through_us: int) -> SnapshotInfo:
@@ -80,8 +72,9 @@ def spd(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def zeus(tmp_path: Path) -> SQLiteZeus:
-    return SQLiteZeus(tmp_path / "zeus.db")
+def zeus(zeus_harness):
+    """A Zeus store of each backend in turn."""
+    return zeus_harness.open()
 
 
 def test_publish_is_atomic_and_verified(spd):
@@ -103,7 +96,7 @@ def test_publish_is_atomic_and_verified(spd):
         load_weights(second)
 
 
-def test_publish_from_a_run_rebuilds_the_served_model(tiny_dataset, tmp_path):
+def test_publish_from_a_run_rebuilds_the_served_model(tiny_dataset, tmp_path, zeus):
     config = parse_train_config(train_config(tiny_dataset, train_days=[1, 1], eval_days=[]))
     train(config, tmp_path / "run", show_progress=False)
     info = publish_snapshot(tmp_path / "spd", tmp_path / "run", "last", fm=FM)
@@ -112,7 +105,6 @@ def test_publish_from_a_run_rebuilds_the_served_model(tiny_dataset, tmp_path):
         max(pq.read_table(p, columns=[TIME_COLUMN]).column(TIME_COLUMN).to_pylist()) for p in dataset.day_files(1)
     )
     assert info.train_through_us == day_max
-    zeus = SQLiteZeus(tmp_path / "zeus.db")
     assert zeus.compare_and_set(FM, 0, info.snapshot_id)
     loader = SnapshotLoader(zeus, tmp_path / "spd", FM, "w0")  # default build: the served RecModel
     assert loader.refresh()
@@ -232,10 +224,9 @@ def test_racing_compare_and_set_has_one_winner(zeus):
         assert zeus.get_pointer(FM).version == expected + 1
 
 
-def test_racing_updaters_change_the_pointer_once_per_snapshot(spd, tmp_path):
-    """8 updater threads (each call its own SQLite connection) poll together while snapshots appear."""
-    clock = FakeClock()
-    zeus = SQLiteZeus(tmp_path / "zeus.db", clock=clock)
+def test_racing_updaters_change_the_pointer_once_per_snapshot(spd, zeus_harness):
+    """8 updater threads share one store (SQLite: a connection per call; ZooKeeper: one session)."""
+    zeus = zeus_harness.open()
     updaters = [Updater(zeus, spd, FM, f"u{i}", lease_s=30, poll_s=1) for i in range(8)]
     published = []
     for value in range(1, 4):
@@ -243,14 +234,16 @@ def test_racing_updaters_change_the_pointer_once_per_snapshot(spd, tmp_path):
         changes = [r for _ in range(3) for r in _race(len(updaters), lambda i: updaters[i].step()) if r]
         assert changes == [published[-1]]
         assert zeus.get_pointer(FM).snapshot_id == published[-1]
-        clock.now += 40  # the lease lapses: next round any updater may take over
+        zeus_harness.lapse(zeus, 40)  # the lease lapses: next round any updater may take over
     assert zeus.get_pointer(FM).version == len(published)
 
 
-def test_lease_expiry_lets_another_updater_take_over(spd, tmp_path):
-    clock = FakeClock()
-    zeus = SQLiteZeus(tmp_path / "zeus.db", clock=clock)
-    first, second = Updater(zeus, spd, FM, "a", lease_s=10, poll_s=2), Updater(zeus, spd, FM, "b", lease_s=10, poll_s=2)
+def test_lease_expiry_lets_another_updater_take_over(spd, zeus_harness):
+    """Two tasks, each its own store (ZooKeeper: its own session, whose expiry ends its lease)."""
+    clock = zeus_harness.clock  # SQLite's lease clock (ZooKeeper leases last as long as the session)
+    zeus, other = zeus_harness.open(), zeus_harness.open()
+    first = Updater(zeus, spd, FM, "a", lease_s=10, poll_s=2)
+    second = Updater(other, spd, FM, "b", lease_s=10, poll_s=2)
     s1 = _publish(spd, 1.0, 100)
     assert first.step() == s1.snapshot_id
     clock.now += 8
@@ -259,7 +252,7 @@ def test_lease_expiry_lets_another_updater_take_over(spd, tmp_path):
     s2 = _publish(spd, 2.0, 200)
     assert second.step() is None  # "a" still holds the lease
     assert zeus.get_pointer(FM).snapshot_id == s1.snapshot_id
-    clock.now += 3  # "a" stopped polling: its lease has expired
+    zeus_harness.lapse(zeus, 3)  # "a" stopped polling: its lease has expired
     assert second.step() == s2.snapshot_id
     assert zeus.get_pointer(FM).lease_owner == "b"
     # a stale updater that read the old version cannot overwrite (version fences it)

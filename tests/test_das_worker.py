@@ -56,6 +56,11 @@ def write_config(root: Path, **changes) -> DASConfig:
     return DASConfig.load(root / "das.yaml")
 
 
+def replay(log, data: Path, days: list[int], **options) -> int:
+    """Replay days of a dataset as live batches: at most half the shortest window of event time each."""
+    return replay_into(log, data, days, max_span_us=int(min(WINDOWS.values()) * 1e6) // 2, **options)
+
+
 def read_store(root: Path) -> pa.Table:
     dataset = open_dataset(root)
     files = [f for info in dataset.manifest.days for f in dataset.day_files(info.day)]
@@ -81,16 +86,20 @@ def fm_world(tmp_path_factory) -> tuple[Path, Path]:
     return data, root / "run"
 
 
-def test_replay_through_two_workers_equals_the_dataset_plus_fm_predictions(tmp_path: Path, fm_world):
+@pytest.mark.parametrize("events", ["single", "batched"])
+def test_replay_through_two_workers_equals_the_dataset_plus_fm_predictions(tmp_path: Path, fm_world, events):
     data, run = fm_world
-    config = write_config(tmp_path, fm="fm", read_batch=64)
+    config = write_config(tmp_path, fm="fm", read_batch=64, fm_latency_budget_s=60.0)  # every row supervised
     info = publish_snapshot(config.spd, run, "last", fm="fm")
     backends = open_backends(config)
     assert Updater(backends.zeus, config.spd, "fm", "deployer").step() == info.snapshot_id
     log = backends.log
-    for impression, labels in replay_dataset(data, [1, 2, 3, 4]):
-        log.append([*labels, impression])  # labels before their impression: held, then joined
-    log.append(watermarks(10**17, config.partitions))
+    if events == "single":
+        for impression, labels in replay_dataset(data, [1, 2, 3, 4]):
+            log.append([*labels, impression])  # labels before their impression: held, then joined
+        log.append(watermarks(10**17, config.partitions))
+    else:  # impression batches of 100 rows, split by partition in the log
+        replay(log, data, [1, 2, 3, 4], batch_rows=100, close_with_watermark_us=CLOSE_US)
     workers = run_workers(config, 2)
 
     source = read_store(data)
@@ -123,12 +132,12 @@ def test_duplicates_late_labels_and_a_whole_replayed_batch_leave_the_store_uncha
     data, _ = fm_world
     config = write_config(tmp_path)
     log = open_backends(config).log
-    replay_into(log, data, [1, 2], close_with_watermark_us=CLOSE_US)
+    replay(log, data, [1, 2], close_with_watermark_us=CLOSE_US)
     run_workers(config, 1, until_idle_s=0.5)
     before = read_store(config.store)
     first_rid = before[REQUEST_ID_COLUMN][0].as_py()
     # the whole batch again (a producer that resends), a late label, a fresh worker
-    assert replay_into(log, data, [1, 2], close_with_watermark_us=CLOSE_US) == 0  # resends absorbed by the log
+    assert replay(log, data, [1, 2], close_with_watermark_us=CLOSE_US) == 0  # resends absorbed by the log
     log.append([Label(first_rid, "like", 1, before["_time"][0].as_py() + 10)])  # arrives after emission
     workers = run_workers(config, 2, until_idle_s=0.5)
     assert read_store(config.store).to_pylist() == before.to_pylist()
@@ -159,7 +168,7 @@ class StubFM:
 def test_a_slow_or_failing_fm_never_holds_back_the_window(tmp_path: Path, fm_world, fm, counter):
     data, _ = fm_world
     config = write_config(tmp_path, fm_latency_budget_s=0.2, fm_batch=10_000)
-    replay_into(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
     worker = Worker(config.model_copy(update={"fm": None if fm is None else "stub"}), "w")
     if fm is not None:
         worker.supervisor.current_fm = lambda: fm
@@ -181,7 +190,7 @@ def test_a_slow_or_failing_fm_never_holds_back_the_window(tmp_path: Path, fm_wor
 def test_a_healthy_stub_fm_supervises_every_example(tmp_path: Path, fm_world):
     data, _ = fm_world
     config = write_config(tmp_path, fm_latency_budget_s=5.0)
-    replay_into(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
     worker = Worker(config.model_copy(update={"fm": "stub"}), "w")
     worker.supervisor.current_fm = StubFM
     worker.run(until_idle_s=0.3)
@@ -205,7 +214,7 @@ def test_supervisor_waits_only_until_the_budget(tmp_path: Path):
 def test_a_paused_worker_cannot_commit_after_its_partition_was_taken_over(tmp_path: Path, fm_world):
     data, _ = fm_world
     config = write_config(tmp_path, partitions=1, lease_s=0.5, renew_s=0.1, read_batch=50)
-    replay_into(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
     paused = Worker(config, "paused")
     paused.maintain()
     paused.step()  # it owns the partition and has committed part of it
@@ -259,7 +268,7 @@ def big_stream(tmp_path_factory) -> Path:
 
 def test_kill_9_a_worker_mid_batch_loses_and_duplicates_nothing(tmp_path: Path, big_stream):
     config = write_config(tmp_path, lease_s=2.0, renew_s=0.2, read_batch=16)
-    replay_into(open_backends(config).log, big_stream, [1, 2, 3, 4], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, big_stream, [1, 2, 3, 4], close_with_watermark_us=CLOSE_US)
     victim, survivor = _start_worker(tmp_path / "das.yaml", "victim"), _start_worker(tmp_path / "das.yaml", "survivor")
     queue = open_backends(config).queue
     try:
@@ -319,7 +328,7 @@ def _write_locked(path: Path) -> bool:
 
 def test_sigstop_past_the_lease_then_sigcont_writes_nothing_stale(tmp_path: Path, big_stream):
     config = write_config(tmp_path, lease_s=1.0, renew_s=0.1, read_batch=16)
-    replay_into(open_backends(config).log, big_stream, [1, 2], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, big_stream, [1, 2], close_with_watermark_us=CLOSE_US)
     paused = _start_worker(tmp_path / "das.yaml", "paused")
     queue = open_backends(config).queue
     store = Worker(config, "observer", backends=open_backends(config)).store
@@ -352,7 +361,7 @@ def test_sigstop_past_the_lease_then_sigcont_writes_nothing_stale(tmp_path: Path
 def test_status_command_reports_partitions_and_workers(tmp_path: Path, fm_world, capsys):
     data, _ = fm_world
     config = write_config(tmp_path)
-    replay_into(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
+    replay(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
     from exfm.cli import main
 
     Worker(config, "w").run(until_idle_s=0.3)

@@ -152,7 +152,8 @@ def _cmd_das_replay(args: argparse.Namespace) -> None:
     config = DASConfig.load(args.config)
     log = open_backends(config).log
     close = int(max(config.windows_s.values()) * 1e6) + 1 if args.close else None
-    appended = replay_into(log, args.data, args.days, speed=args.speed, close_with_watermark_us=close)
+    span = int(min(config.windows_s.values()) * 1e6) // 2  # a batch never outruns the shortest window
+    appended = replay_into(log, args.data, args.days, speed=args.speed, max_span_us=span, close_with_watermark_us=close)
     print(f"appended {appended:,} events from {args.data}")
 
 

@@ -388,9 +388,19 @@ def replay_dataset(
 
 
 def replay_batches(
-    dataset_dir: str | Path, days: Iterable[int], label_delay_us: int = 1_000_000, batch_rows: int = 4096
+    dataset_dir: str | Path,
+    days: Iterable[int],
+    label_delay_us: int = 1_000_000,
+    batch_rows: int = 4096,
+    max_span_us: int | None = None,
 ) -> Iterator[tuple[ImpressionBatch, list[Label]]]:
-    """The same events as :func:`replay_dataset`, with the impressions in batches of ``batch_rows``."""
+    """The same events as :func:`replay_dataset`, with the impressions in batches.
+
+    A batch holds at most ``batch_rows`` rows spanning at most ``max_span_us`` of event time, as a
+    live producer's batch would: the joiner's watermark follows the newest event time, so a batch
+    spanning longer than the shortest label window would close the windows of its own first rows
+    before the labels that follow it are read (keep ``max_span_us`` below that window).
+    """
     dataset = open_dataset(dataset_dir)
     tasks = dataset.schema.tasks
     for day in days:
@@ -398,16 +408,36 @@ def replay_batches(
         for path in dataset.day_files(day):
             for chunk in pq.ParquetFile(path).iter_batches(batch_rows):
                 table = pa.Table.from_batches([chunk])
-                request_ids = [f"{day}:{r}" for r in range(row, row + table.num_rows)]
-                times = table.column(TIME_COLUMN).to_numpy()
-                labels = [
-                    Label(request_ids[i], task, 1, int(times[i]) + label_delay_us)
-                    for task in tasks
-                    for i in np.flatnonzero(table.column(task).to_numpy()).tolist()
-                ]
-                table = table.drop_columns(tasks).append_column(REQUEST_ID_COLUMN, pa.array(request_ids, pa.string()))
-                yield ImpressionBatch(table), sorted(labels, key=lambda label: label.time_us)
-                row += table.num_rows
+                for piece in _time_slices(table, max_span_us):
+                    yield _impressions_and_labels(piece, day, row, tasks, label_delay_us)
+                    row += piece.num_rows
+
+
+def _time_slices(table: pa.Table, max_span_us: int | None) -> Iterator[pa.Table]:
+    """Consecutive slices of a time-sorted table, each spanning at most ``max_span_us``."""
+    if max_span_us is None:
+        yield table
+        return
+    times = table.column(TIME_COLUMN).to_numpy()
+    start = 0
+    while start < len(times):
+        end = int(np.searchsorted(times, times[start] + max_span_us, side="right"))
+        yield table.slice(start, end - start)
+        start = end
+
+
+def _impressions_and_labels(
+    table: pa.Table, day: int, first_row: int, tasks: list[str], label_delay_us: int
+) -> tuple[ImpressionBatch, list[Label]]:
+    request_ids = [f"{day}:{r}" for r in range(first_row, first_row + table.num_rows)]
+    times = table.column(TIME_COLUMN).to_numpy()
+    labels = [
+        Label(request_ids[i], task, 1, int(times[i]) + label_delay_us)
+        for task in tasks
+        for i in np.flatnonzero(table.column(task).to_numpy()).tolist()
+    ]
+    table = table.drop_columns(tasks).append_column(REQUEST_ID_COLUMN, pa.array(request_ids, pa.string()))
+    return ImpressionBatch(table), sorted(labels, key=lambda label: label.time_us)
 
 
 def replay_into(
@@ -417,6 +447,7 @@ def replay_into(
     *,
     speed: float = 0.0,
     batch_rows: int = 4096,
+    max_span_us: int | None = None,
     label_delay_us: int = 1_000_000,
     close_with_watermark_us: int | None = None,
     clock: Callable[[], float] = time.monotonic,
@@ -430,6 +461,8 @@ def replay_into(
         days: the days to replay, in order.
         speed: event time per wall time (3600: an hour of events per second); 0 = as fast as possible.
         batch_rows: impressions per batch (one log entry per batch and partition).
+        max_span_us: event time one batch spans at most (keep it below the shortest label window,
+            see :func:`replay_batches`).
         label_delay_us: how long after its impression each positive label happens.
         close_with_watermark_us: if given, finally send every partition a watermark this far after
             the last impression (e.g. the longest label window), so that all windows close.
@@ -440,7 +473,7 @@ def replay_into(
     appended = 0
     first_time = last_time = None
     started = clock()
-    for batch, labels in replay_batches(dataset_dir, days, label_delay_us, batch_rows):
+    for batch, labels in replay_batches(dataset_dir, days, label_delay_us, batch_rows, max_span_us):
         times = batch.times_us
         first_time = times[0] if first_time is None else first_time
         last_time = max(times[-1], last_time or times[-1])

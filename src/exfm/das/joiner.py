@@ -96,7 +96,7 @@ def ref_request_id(ref: ImpressionRef) -> str:
     return source.request_id if isinstance(source, Impression) else source.request_ids[row]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class JoinedExample:
     """One impression with its labels, emitted once its windows have closed.
 
@@ -156,6 +156,7 @@ class Joiner:
         self._early: dict[str, set[Label]] = {}
         self._seen_labels: dict[str, set[Label]] = {}
         self._emitted: dict[str, int] = {}
+        self._all_negative: dict[tuple[str, ...], dict[str, int]] = {}
         # min-heaps of (deadline, request id): window closes, early-label expiries, emitted-id expiries
         self._closing: list[tuple[int, str]] = []
         self._early_expiry: list[tuple[int, str]] = []
@@ -231,14 +232,20 @@ class Joiner:
         closed.sort(key=lambda p: (p.time_us, p.request_id))
         examples = []
         retention = self.config.emitted_retention_us
+        negatives = self._all_negative
         for pending in closed:
             rid = pending.request_id
             del self._pending[rid]
             self._emitted[rid] = pending.close_us
             heapq.heappush(self._emitted_expiry, (pending.close_us + retention, rid))
-            labels = {task: int(task in pending.positive) for task in pending.tasks}
-            for task in pending.positive:
-                self.counters[f"positives:{task}"] += 1
+            if pending.positive:
+                labels = {task: int(task in pending.positive) for task in pending.tasks}
+                for task in pending.positive:
+                    self.counters[f"positives:{task}"] += 1
+            else:  # most examples: one shared all-negative mapping (never mutated)
+                labels = negatives.get(pending.tasks) or negatives.setdefault(
+                    pending.tasks, dict.fromkeys(pending.tasks, 0)
+                )
             examples.append(JoinedExample(rid, pending.time_us, labels, pending.close_us, pending.source, pending.row))
         self.counters["emitted"] += len(examples)
         self._expire(watermark_us)

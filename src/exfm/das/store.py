@@ -8,12 +8,12 @@ The store's root *is* an exfm dataset (see :mod:`exfm.data.dataset`) that grows 
 
 A commit (:meth:`SharedStore.commit`):
 
-1. drops the examples whose request id is already stored (counted as ``duplicates``) and writes
-   the new rows, one file per day, to hidden staging files (the slow part, outside the lock);
-2. under SQLite's write lock, in one transaction: checks the fence, re-checks the request ids
-   (if another writer stored some meanwhile, step 1 is redone under the lock), renames the
-   staging files to names carrying the commit's sequence number, and records the request ids,
-   the files and the updated day summaries.
+1. drops request ids repeated within the commit and writes the rows, one file per day, to hidden
+   staging files (the slow part, outside the lock);
+2. under SQLite's write lock, in one transaction: checks the fence, records the request ids as
+   stored (``INSERT OR IGNORE``; if any was stored already, that is undone and step 1 is redone
+   without them: the rare path of a replay or a takeover), renames the staging files to names
+   carrying the commit's sequence number, and records the files and updated day summaries.
 
 Writing the same batch twice therefore adds nothing, and a crash before the transaction commits
 leaves only files that no record names: the next commit reuses the same sequence number and
@@ -21,7 +21,9 @@ overwrites them (a crash between steps may leave a hidden ``.staged-*`` file beh
 Keeping the lock short matters: a process stopped inside a write transaction (SIGSTOP) blocks
 every other writer of the store until it resumes or dies.
 The manifest lists recorded files only, so a reader never sees uncommitted rows; it is rewritten
-after each commit and when the store is opened.
+when the store is opened, after a commit if the last rewrite is ``manifest_interval_s`` old, and
+by :meth:`SharedStore.flush` / :meth:`SharedStore.close` (so readers lag the commits by at most
+about that interval while writers run).
 
 **Fencing.** A DAS worker commits for one log partition under a claim of the work queue
 (:mod:`exfm.das.queue`). :meth:`SharedStore.open_partition` records the claim's token (refusing
@@ -42,10 +44,12 @@ has no known end); rows outside days 1..N are counted in the manifest's ``droppe
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,11 +61,13 @@ from exfm.das.events import Impression, ImpressionBatch, write_transaction
 from exfm.das.joiner import JoinedExample
 from exfm.data.dataset import (
     DOMAIN_COLUMN,
+    MANIFEST_NAME,
     REQUEST_ID_COLUMN,
     TIME_COLUMN,
     DatasetError,
     Moments,
     assign_days,
+    atomic_write_text,
     build_manifest,
     day_boundaries,
     day_dir_name,
@@ -105,7 +111,6 @@ class _Prepared:
     duplicates: int
     out_of_range: int
     days: list[tuple[int, Path, dict]]  # (day, staging file, summary)
-    last_seq: int  # the newest commit when the ids were checked
 
     def discard(self) -> None:
         """Delete the staging files that were not moved into place."""
@@ -123,13 +128,17 @@ class SharedStore:
         timeout_s: how long a commit waits for another process's write lock.
     """
 
-    def __init__(self, root: str | Path, schema: Schema, timeout_s: float = 30.0):
+    def __init__(self, root: str | Path, schema: Schema, timeout_s: float = 30.0, manifest_interval_s: float = 0.0):
         if schema.split.mode != "calendar" or schema.split.start is None:
             raise DatasetError(f"schema {schema.name!r}: a shared store needs split.mode calendar with a start date")
         self.root = Path(root)
         self.schema = schema
         self.arrow_schema = store_arrow_schema(schema)
         self.boundaries = day_boundaries(schema.split, 0, 0)
+        self._manifest_count = 0
+        self.manifest_interval_s = manifest_interval_s
+        self._manifest_written_at = -math.inf
+        self._manifest_stale = False
         self.root.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(
             self.root / DB_NAME, timeout=timeout_s, isolation_level=None, check_same_thread=False
@@ -191,23 +200,25 @@ class SharedStore:
                     db.execute(
                         "UPDATE partitions SET checkpoint = ? WHERE partition = ?", (checkpoint, fence.partition)
                     )
-                if self._last_seq() != prepared.last_seq and self._stored_among(prepared.fresh):
-                    prepared.discard()  # another writer stored some of them meanwhile
-                    prepared = self._prepare(examples)
-                result = self._record(db, prepared, fence)
+                seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM commits").fetchone()[0]
+                if not self._claim_ids(db, prepared.fresh, seq):  # some were stored already: redo, rare
+                    prepared.discard()
+                    prepared = self._prepare(examples, exclude=self._stored_among(prepared.fresh))
+                    self._claim_ids(db, prepared.fresh, seq)
+                result = self._record(db, prepared, fence, seq)
         finally:
             prepared.discard()
         if result.seq is not None:
-            self._write_manifest()
+            self._manifest_stale = True
+            if time.monotonic() - self._manifest_written_at >= self.manifest_interval_s:
+                self._write_manifest()
         return result
 
-    def _prepare(self, examples: Sequence[JoinedExample]) -> _Prepared:
-        """Drop stored and repeated request ids; write each day's rows to a hidden staging file."""
-        last_seq = self._last_seq()
+    def _prepare(self, examples: Sequence[JoinedExample], exclude: Set[str] = frozenset()) -> _Prepared:
+        """Drop repeated request ids and those in ``exclude``; write each day's rows to a hidden staging file."""
         unique = list({e.request_id: e for e in reversed(examples)}.values())[::-1]  # first of each id
-        stored = self._stored_among([e.request_id for e in unique])
-        fresh = [e for e in unique if e.request_id not in stored]
-        prepared = _Prepared([e.request_id for e in fresh], len(examples) - len(fresh), 0, [], last_seq)
+        fresh = [e for e in unique if e.request_id not in exclude]
+        prepared = _Prepared([e.request_id for e in fresh], len(examples) - len(fresh), 0, [])
         if not fresh:
             return prepared
         in_range = assign_days(np.array([e.time_us for e in fresh], dtype=np.int64), self.boundaries) > 0
@@ -226,11 +237,23 @@ class SharedStore:
             prepared.days.append((day, staged, summarize_day(day_table, self.schema)))
         return prepared
 
-    def _record(self, db: sqlite3.Connection, prepared: _Prepared, fence: Fence | None) -> CommitResult:
+    @staticmethod
+    def _claim_ids(db: sqlite3.Connection, request_ids: list[str], seq: int) -> bool:
+        """Record the request ids as stored by commit ``seq``; False (and nothing recorded) if any was."""
+        db.execute("SAVEPOINT claim_ids")
+        before = db.total_changes
+        db.executemany("INSERT OR IGNORE INTO stored VALUES (?, ?)", [(rid, seq) for rid in request_ids])
+        if db.total_changes - before != len(request_ids):
+            db.execute("ROLLBACK TO claim_ids")
+            db.execute("RELEASE claim_ids")
+            return False
+        db.execute("RELEASE claim_ids")
+        return True
+
+    def _record(self, db: sqlite3.Connection, prepared: _Prepared, fence: Fence | None, seq: int) -> CommitResult:
         """Inside the write transaction: move the staged files to their names and record the commit."""
         if not prepared.fresh:
             return CommitResult(None, 0, prepared.duplicates, 0)
-        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM commits").fetchone()[0]
         for day, staged, summary in prepared.days:
             relative = f"{day_dir_name(day)}/part-{seq:05d}.parquet"
             os.replace(staged, self.root / relative)
@@ -238,7 +261,6 @@ class SharedStore:
             self._merge_summary(day, summary)
         prepared.days.clear()
         rows = len(prepared.fresh) - prepared.out_of_range
-        db.executemany("INSERT INTO stored VALUES (?, ?)", [(rid, seq) for rid in prepared.fresh])
         owner = (fence.partition, fence.token) if fence else (None, None)
         db.execute(
             "INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?)",
@@ -254,7 +276,14 @@ class SharedStore:
         """Rows committed so far (out-of-range rows excluded)."""
         return self._db.execute("SELECT COALESCE(SUM(rows), 0) FROM commits").fetchone()[0]
 
+    def flush(self) -> None:
+        """Rewrite the manifest now if this process committed since it last wrote it."""
+        if self._manifest_stale:
+            self._write_manifest()
+
     def close(self) -> None:
+        """Flush the manifest and close the database."""
+        self.flush()
         self._db.close()
 
     # --- internals ------------------------------------------------------------------------------
@@ -272,9 +301,6 @@ class SharedStore:
             query = f"SELECT request_id FROM stored WHERE request_id IN ({marks})"
             found.update(row[0] for row in self._db.execute(query, chunk))
         return found
-
-    def _last_seq(self) -> int:
-        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM commits").fetchone()[0]
 
     def _merge_summary(self, day: int, summary: dict) -> None:
         row = self._db.execute("SELECT summary FROM days WHERE day = ?", (day,)).fetchone()
@@ -297,7 +323,13 @@ class SharedStore:
                 entries.append((day, start, end, files[day], json.loads(summary)))
             dropped = db.execute("SELECT COALESCE(SUM(out_of_range), 0) FROM commits").fetchone()[0]
             manifest = build_manifest(self.schema, "exfm-das", entries, dropped_out_of_range=dropped)
-            write_manifest(self.root, self.schema, manifest)
+            if self._manifest_count == 0:  # schema.yaml once per process, then only the manifest
+                write_manifest(self.root, self.schema, manifest)
+            else:
+                atomic_write_text(self.root / MANIFEST_NAME, manifest.model_dump_json(indent=2))
+            self._manifest_count += 1
+            self._manifest_written_at = time.monotonic()
+            self._manifest_stale = False
 
 
 def examples_table(examples: Sequence[JoinedExample], schema: Schema, arrow_schema: pa.Schema) -> pa.Table:

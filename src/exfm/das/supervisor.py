@@ -5,9 +5,11 @@ runs the FM snapshot the worker serves on batches of impressions in a background
 joiner emits the example, :meth:`Supervisor.attach` adds the FM's probabilities, the snapshot id
 and its train-through time. The rule that keeps a slow FM from holding back the label window:
 
-* emission waits for an impression's inference at most until ``submitted + latency_budget_s``
-  (wall clock); past that the example is emitted **without** supervision and counted as
-  ``unsupervised_timeout`` (the inference keeps running; its result is discarded);
+* a closed example waits for its impression's inference at most until ``submitted +
+  latency_budget_s`` (wall clock); past that it is emitted **without** supervision and counted
+  as ``unsupervised_timeout`` (the inference keeps running; its result is discarded). Waiting
+  does not block the worker (:meth:`Supervisor.take_ready`): it keeps reading and joining, so
+  FM inference and joining overlap;
 * an FM that raises: the batch's examples are emitted without supervision, ``unsupervised_error``;
 * no snapshot loaded yet: ``unsupervised_no_snapshot``.
 
@@ -25,9 +27,9 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -120,14 +122,62 @@ class Supervisor:
                 self._jobs[ref_request_id(ref)] = job
 
     def attach(self, examples: Sequence[JoinedExample]) -> list[JoinedExample]:
-        """The examples with their FM supervision where it arrived within the budget."""
-        out = []
+        """All examples, each with its supervision, waiting for each inference at most to its deadline."""
+        ready, waiting = self.take_ready(examples)
+        while waiting:
+            self.wait(waiting)
+            more, waiting = self.take_ready(waiting)
+            ready += more
+        return ready
+
+    def take_ready(self, examples: Sequence[JoinedExample]) -> tuple[list[JoinedExample], list[JoinedExample]]:
+        """Split closed examples without blocking: ``(ready, waiting)``.
+
+        Ready: with supervision (its inference finished), or without (no inference was asked, it
+        failed, no snapshot, or its deadline passed). Waiting: its inference runs, within budget.
+        """
+        now = self.clock()
+        outcomes: dict[int, dict[str, Supervision] | str | None] = {}  # per job; None = still running
+        ready, waiting = [], []
         for example in examples:
-            job = self._jobs.pop(example.request_id, None)
-            supervision = None if job is None else self._await(job, example.request_id)
-            out.append(replace(example, supervision=supervision) if supervision is not None else example)
-        self.counters["emitted"] += len(out)
-        return out
+            job = self._jobs.get(example.request_id)
+            if job is None:
+                ready.append(example)
+                continue
+            if id(job) not in outcomes:
+                outcomes[id(job)] = self._outcome(job, now)
+            outcome = outcomes[id(job)]
+            if outcome is None:
+                waiting.append(example)
+                continue
+            del self._jobs[example.request_id]
+            if isinstance(outcome, str):
+                self.counters[outcome] += 1
+                ready.append(example)
+            else:
+                self.counters["supervised"] += 1
+                ready.append(
+                    JoinedExample(
+                        example.request_id,
+                        example.time_us,
+                        example.labels,
+                        example.close_us,
+                        example.source,
+                        example.row,
+                        outcome[example.request_id],
+                    )
+                )
+        self.counters["emitted"] += len(ready)
+        return ready, waiting
+
+    def wait(self, examples: Sequence[JoinedExample], timeout_s: float | None = None) -> None:
+        """Block until an inference of these examples finishes or the first deadline passes."""
+        jobs = {id(job): job for job in (self._jobs.get(e.request_id) for e in examples) if job is not None}
+        if not jobs:
+            return
+        deadline = min(job.deadline for job in jobs.values()) - self.clock()
+        timeout = max(deadline, 0.0) if timeout_s is None else min(max(deadline, 0.0), timeout_s)
+        wait_for([job.future for job in jobs.values()], timeout=timeout, return_when=FIRST_COMPLETED)
 
     def forget(self, request_ids: Sequence[str]) -> None:
         """Stop waiting for requests whose examples will not be emitted by this worker."""
@@ -138,20 +188,14 @@ class Supervisor:
         """Stop the inference thread without waiting for a running FM call."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _await(self, job: _Job, request_id: str) -> Supervision | None:
-        done, _ = wait_for([job.future], timeout=max(job.deadline - self.clock(), 0.0))
-        if not done:
-            self.counters["unsupervised_timeout"] += 1
-            return None
+    @staticmethod
+    def _outcome(job: _Job, now: float) -> dict[str, Supervision] | str | None:
+        """The job's predictions, the counter of why there are none, or None if it runs within budget."""
+        if not job.future.done():
+            return "unsupervised_timeout" if now >= job.deadline else None
         if job.future.exception() is not None:
-            self.counters["unsupervised_error"] += 1
-            return None
-        result = job.future.result()
-        if result is None:
-            self.counters["unsupervised_no_snapshot"] += 1
-            return None
-        self.counters["supervised"] += 1
-        return result[request_id]
+            return "unsupervised_error"
+        return job.future.result() or "unsupervised_no_snapshot"
 
     def _infer(self, impressions: list[ImpressionRef]) -> dict[str, Supervision] | None:
         fm = self.current_fm()

@@ -41,7 +41,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exfm.das.events import Event, EventLog, ImpressionBatch, SQLiteEventLog, Watermark
-from exfm.das.joiner import Joiner, JoinerConfig
+from exfm.das.joiner import JoinedExample, Joiner, JoinerConfig
 from exfm.das.loader import SnapshotLoader, Updater
 from exfm.das.queue import Claim, SQLiteWorkQueue, WorkQueue, fair_share
 from exfm.das.store import Fence, SharedStore, StaleClaimError
@@ -77,6 +77,7 @@ class DASConfig(BaseModel):
     lease_s: float = Field(10.0, gt=0, description="claim lease; a dead worker's partitions move after it")
     renew_s: float = Field(2.0, gt=0, description="how often claims are renewed and snapshots polled")
     read_batch: int = Field(4096, ge=1, description="log entries read per partition and step")
+    manifest_interval_s: float = Field(1.0, ge=0, description="rewrite the store's manifest at most this often")
     fm_latency_budget_s: float = Field(1.0, ge=0)
     fm_batch: int = Field(4096, ge=1)
     redis_url: str | None = None
@@ -143,10 +144,12 @@ class _Entry:
     request_ids: list[str]
     first_waiting: int = 0  # request_ids[:first_waiting] are known to need nothing any more
 
-    def done(self, joiner: Joiner) -> bool:
-        """Whether no request of the entry still waits in the joiner (then the entry is not needed)."""
+    def done(self, joiner: Joiner, held: set[str]) -> bool:
+        """Whether no request of the entry still waits in the joiner or for its supervision (then the
+        entry is not needed any more)."""
         while self.first_waiting < len(self.request_ids):
-            if joiner.is_waiting(self.request_ids[self.first_waiting]):
+            request_id = self.request_ids[self.first_waiting]
+            if joiner.is_waiting(request_id) or request_id in held:
                 return False
             self.first_waiting += 1
         return True
@@ -167,6 +170,7 @@ class _Partition:
     cursor: str | None
     checkpoint: str | None
     since_checkpoint: deque[_Entry] = field(default_factory=deque)  # entries read after the checkpoint
+    held: list[JoinedExample] = field(default_factory=list)  # closed, waiting for their FM inference
 
 
 class Worker:
@@ -182,7 +186,7 @@ class Worker:
         self.config = config
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**9}"
         self.backends = backends or open_backends(config)
-        self.store = SharedStore(config.store, config.schema())
+        self.store = SharedStore(config.store, config.schema(), manifest_interval_s=config.manifest_interval_s)
         self.counters: Counter[str] = Counter()
         self.join_counters: Counter[str] = Counter()  # of the joiners of partitions this worker dropped
         self.partitions: dict[int, _Partition] = {}
@@ -205,8 +209,11 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                held = [e for state in self.partitions.values() for e in state.held]
                 if self.step():
                     idle_since = time.monotonic()
+                elif held:
+                    self.supervisor.wait(held, timeout_s=0.05)
                 elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
                 else:
@@ -265,6 +272,7 @@ class Worker:
         if self.loader is not None:
             self.loader.close()
         self.supervisor.close()
+        self.store.flush()
         self._report()
 
     # --- one partition -------------------------------------------------------------------------
@@ -283,6 +291,7 @@ class Worker:
         state = self.partitions.pop(number)
         self.join_counters.update(state.joiner.counters)
         self.supervisor.forget([rid for entry in state.since_checkpoint for rid in entry.request_ids])
+        self.counters["dropped_unsupervised_wait"] += len(state.held)
         self.counters[f"partitions_{why}"] += 1
 
     def _process(self, number: int) -> int:
@@ -294,9 +303,10 @@ class Worker:
             if self.loader is not None:
                 self.supervisor.submit(accepted)
             state.since_checkpoint.extend(_Entry(offset, _request_ids(event)) for offset, event in entries)
-        examples = self.supervisor.attach(state.joiner.advance())
+        examples, state.held = self.supervisor.take_ready(state.held + state.joiner.advance())
+        held = {e.request_id for e in state.held}
         checkpoint = state.checkpoint
-        while state.since_checkpoint and state.since_checkpoint[0].done(state.joiner):
+        while state.since_checkpoint and state.since_checkpoint[0].done(state.joiner, held):
             checkpoint = state.since_checkpoint.popleft().offset
         if not examples and checkpoint == state.checkpoint:
             return len(entries)

@@ -1,0 +1,185 @@
+"""DAS throughput: joined examples/s, supervision as a fraction of the FM's raw speed, scale-out.
+
+On the synthetic stream (days 1-4; 200k rows, or 1M with --full), replayed into the log as
+impression batches of 4096 rows plus one label event per positive task:
+
+* ``das.joined_per_s``: the embedded backend (SQLite log, queue and Zeus; Parquet store), no FM,
+  two worker processes on the 2-core machine; ``das.joined_per_s_1_worker`` with one. Time runs
+  from the first claim to the last committed row (the rows are in the log before the workers start).
+* ``das.supervision_fraction``: one worker with a DCNv2 FM snapshot (the zoo preset, untrained:
+  speed does not depend on the weights): supervised examples/s divided by the FM's raw batched
+  inference speed on the same rows (``fm.raw_rows_per_s``, batches of 4096, one thread).
+* ``das.scaleout_3_workers``: the distributed backend (Redis log and queue, ZooKeeper Zeus,
+  servers started on loopback), joined/s of 3 workers divided by that of 1 (also 2). Skipped
+  (reported as missing) when ``redis-server`` or ZooKeeper are not installed.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_das.py [--full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from _common import metric, write_result
+
+from exfm.das.events import replay_into
+from exfm.das.snapshots import write_snapshot
+from exfm.das.supervisor import SnapshotFM
+from exfm.das.worker import DASConfig, open_backends
+from exfm.data.dataset import REQUEST_ID_COLUMN, open_dataset
+from exfm.das.store import SharedStore
+from exfm.experiments.zoo import synthetic_zoo
+from exfm.models.registry import build_model
+from exfm.serving.export import numeric_moments
+
+DAYS = [1, 2, 3, 4]
+WINDOWS_S = {"click": 900.0, "like": 3600.0, "follow": 3600.0}
+
+
+def write_config(root: Path, data: Path, **changes) -> Path:
+    """A DAS deployment under ``root`` reading the synthetic schema; returns the config path."""
+    config = {
+        "root": "das",
+        "store": "shared",
+        "spd": "spd",
+        "schema": str(data / "schema.yaml"),
+        "windows_s": WINDOWS_S,
+        "partitions": 6,
+        "lease_s": 10.0,
+        "renew_s": 1.0,
+        "read_batch": 256,
+        **changes,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "das.yaml").write_text(yaml.safe_dump(config))
+    return root / "das.yaml"
+
+
+def replay(config_path: Path, data: Path) -> tuple[int, float]:
+    """Append days 1-4 to the deployment's log; returns (entries, seconds)."""
+    config = DASConfig.load(config_path)
+    start = time.perf_counter()
+    close = int(max(WINDOWS_S.values()) * 1e6) + 1
+    span = int(min(WINDOWS_S.values()) * 1e6) // 2
+    entries = replay_into(open_backends(config).log, data, DAYS, max_span_us=span, close_with_watermark_us=close)
+    return entries, time.perf_counter() - start
+
+
+def run_workers(config_path: Path, workers: int, rows: int) -> float:
+    """Start ``workers`` worker processes; the seconds from the first claim to ``rows`` stored rows."""
+    config = DASConfig.load(config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "exfm.cli", "das", "worker", "--config", str(config_path), "--until-idle", "2"]
+    processes = [
+        subprocess.Popen([*command, "--worker-id", f"w{i}"], env=env, stdout=subprocess.DEVNULL) for i in range(workers)
+    ]
+    queue = open_backends(config).queue
+    store = SharedStore(config.store, config.schema())
+    try:
+        while not queue.holders():
+            time.sleep(0.01)
+        start = time.perf_counter()
+        while store.stored_rows() < rows:
+            if any(p.poll() not in (None, 0) for p in processes):
+                raise RuntimeError("a worker failed")
+            time.sleep(0.02)
+        seconds = time.perf_counter() - start
+        for process in processes:
+            process.wait(timeout=120)
+    finally:
+        for process in processes:
+            process.kill()
+    return seconds
+
+
+def publish_dcnv2(spd: Path, data: Path) -> SnapshotFM:
+    """An (untrained) DCNv2 zoo teacher as a snapshot, and that snapshot loaded as DAS serves it."""
+    dataset = open_dataset(data)
+    schema = dataset.schema
+    preset = synthetic_zoo(schema)["dcnv2"]
+    model = build_model(preset.config, schema, schema.tasks).eval()
+    config = {"data": str(data), **preset.train_settings(), "train_days": [1, 1], "eval_days": [2]}
+    info = write_snapshot(
+        spd,
+        "dcnv2",
+        model.state_dict(),
+        config=config,
+        schema=schema.model_dump(mode="json"),
+        tasks=list(schema.tasks),
+        train_through_us=dataset.day(1).end_us,
+        numeric_moments=numeric_moments(dataset, (2, 0), 1024),
+        domains=dataset.manifest.domains,
+    )
+    from exfm.das.snapshots import load_weights
+
+    return SnapshotFM.build(info, load_weights(info))
+
+
+def raw_fm_rows_per_s(fm: SnapshotFM, data: Path, batch_rows: int = 4096) -> float:
+    """The FM's batched inference speed on impression batches of the stream (decode + forward)."""
+    from exfm.das.events import replay_batches
+
+    batches = [batch for batch, _ in replay_batches(data, [1], batch_rows=batch_rows)][:20]
+    refs = [[(batch, row) for row in range(len(batch))] for batch in batches]
+    fm.predict(refs[0])  # warm-up
+    start = time.perf_counter()
+    for chunk in refs:
+        fm.predict(chunk)
+    return sum(map(len, refs)) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--full", action="store_true", help="1M rows instead of 200k")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    total_rows = 1_000_000 if args.full else 200_000
+    from exfm.data.synth import synthesize
+
+    metrics, extra = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = tmp / "synthetic"
+        synthesize(data, rows=total_rows, days=8, seed=0, show_progress=False)
+        rows = sum(open_dataset(data).day(d).rows for d in DAYS)
+
+        embedded = {}
+        for workers in (1, 2):
+            config_path = write_config(tmp / f"embedded{workers}", data)
+            entries, seconds = replay(config_path, data)
+            embedded[workers] = rows / run_workers(config_path, workers, rows)
+        metrics["das.replay_entries_per_s"] = metric(entries / seconds, "entries/s")
+        metrics["das.joined_per_s_1_worker"] = metric(embedded[1], "examples/s")
+        metrics["das.joined_per_s"] = metric(embedded[2], "examples/s", ">= 50,000 (2 workers, 2 cores)")
+
+        config_path = write_config(tmp / "supervised", data, fm="dcnv2", fm_batch=4096)
+        fm = publish_dcnv2(DASConfig.load(config_path).spd, data)
+        raw = raw_fm_rows_per_s(fm, data)
+        replay(config_path, data)
+        supervised = rows / run_workers(config_path, 1, rows)
+        stored = open_dataset(DASConfig.load(config_path).store)
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(
+            [f for info in stored.manifest.days for f in stored.day_files(info.day)],
+            columns=[REQUEST_ID_COLUMN, "fm:click"],
+        )
+        coverage = 1 - table.column("fm:click").null_count / table.num_rows
+        metrics["fm.raw_rows_per_s"] = metric(raw, "rows/s")
+        metrics["das.supervised_per_s"] = metric(supervised * coverage, "examples/s")
+        metrics["das.supervision_coverage"] = metric(coverage, "fraction")
+        metrics["das.supervision_fraction"] = metric(supervised * coverage / raw, "ratio", ">= 0.8")
+        extra["rows"] = rows
+    write_result("das", metrics, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -32,10 +32,10 @@ from _common import metric, write_result
 
 from exfm.das.events import replay_into
 from exfm.das.snapshots import write_snapshot
+from exfm.das.store import SharedStore
 from exfm.das.supervisor import SnapshotFM
 from exfm.das.worker import DASConfig, open_backends
 from exfm.data.dataset import REQUEST_ID_COLUMN, open_dataset
-from exfm.das.store import SharedStore
 from exfm.experiments.zoo import synthetic_zoo
 from exfm.models.registry import build_model
 from exfm.serving.export import numeric_moments

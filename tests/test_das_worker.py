@@ -69,6 +69,8 @@ def read_store(root: Path) -> pa.Table:
 
 def run_workers(config: DASConfig, count: int, until_idle_s: float = 1.5) -> list[Worker]:
     workers = [Worker(config, f"w{i}") for i in range(count)]
+    for worker in workers:  # all members from the start: each claims its share, no rebalancing
+        worker.backends.queue.heartbeat(worker.worker_id, config.lease_s)
     threads = [threading.Thread(target=w.run, kwargs={"until_idle_s": until_idle_s}) for w in workers]
     for thread in threads:
         thread.start()
@@ -120,10 +122,8 @@ def test_replay_through_two_workers_equals_the_dataset_plus_fm_predictions(tmp_p
         logits = fm.model(batch, heads=list(fm.tasks))
     for task in fm.tasks:
         np.testing.assert_allclose(joined[f"fm:{task}"].to_numpy(), torch.sigmoid(logits[task]).numpy(), rtol=1e-5)
-    # about one inference per stored example (a partition handed over when the second worker joined
-    # is re-read by its new owner), shared by every VM that reads the store
-    inferences = sum(w.supervisor.counters["fm_rows"] for w in workers)
-    assert 1200 <= inferences < 1200 * 1.1
+    # one inference per stored example, shared by every VM that reads the store
+    assert sum(w.supervisor.counters["fm_rows"] for w in workers) == 1200
     assert sum(w.counters["committed"] for w in workers) == 1200
     assert all(w.counters["committed"] > 0 for w in workers)  # the partitions were shared
 
@@ -143,8 +143,9 @@ def test_duplicates_late_labels_and_a_whole_replayed_batch_leave_the_store_uncha
     assert read_store(config.store).to_pylist() == before.to_pylist()
     assert before.num_rows == 600 and sum(w.counters["committed"] for w in workers) == 0
     # a fresh joiner does not know the request was emitted: the label is held as an early label
-    # (and would end as an orphan), never joined into a new example
-    assert sum(w.join_counters["early_labels"] for w in workers) == 1
+    # (and would end as an orphan), never joined into a new example (counted once per worker that
+    # read it: the partition may move from the first worker to start to the second)
+    assert 1 <= sum(w.join_counters["early_labels"] for w in workers) <= 2
 
 
 class StubFM:

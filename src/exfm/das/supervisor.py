@@ -10,6 +10,8 @@ and its train-through time. The rule that keeps a slow FM from holding back the 
   as ``unsupervised_timeout`` (the inference keeps running; its result is discarded). Waiting
   does not block the worker (:meth:`Supervisor.take_ready`): it keeps reading and joining, so
   FM inference and joining overlap;
+* a queued inference whose deadline passed before the FM got to it is skipped (so an FM slower
+  than the stream drains its queue instead of falling ever further behind);
 * an FM that raises: the batch's examples are emitted without supervision, ``unsupervised_error``;
 * no snapshot loaded yet: ``unsupervised_no_snapshot``.
 
@@ -101,11 +103,14 @@ class Supervisor:
         current_fm: Callable[[], SnapshotFM | None],
         latency_budget_s: float = 1.0,
         max_batch: int = 4096,
+        max_queued_rows: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.current_fm = current_fm
         self.latency_budget_s = latency_budget_s
         self.max_batch = max_batch
+        self.max_queued_rows = 4 * max_batch if max_queued_rows is None else max_queued_rows
+        self._queued_rows = 0
         self.clock = clock
         self.counters: Counter[str] = Counter()
         self._jobs: dict[str, _Job] = {}
@@ -117,7 +122,10 @@ class Supervisor:
         in batches of at most ``max_batch``."""
         for start in range(0, len(impressions), self.max_batch):
             chunk = list(impressions[start : start + self.max_batch])
-            job = _Job(self._pool.submit(self._infer, chunk), self.clock() + self.latency_budget_s)
+            deadline = self.clock() + self.latency_budget_s
+            with self._lock:
+                self._queued_rows += len(chunk)
+            job = _Job(self._pool.submit(self._infer, chunk, deadline), deadline)
             for ref in chunk:
                 self._jobs[ref_request_id(ref)] = job
 
@@ -195,15 +203,34 @@ class Supervisor:
             return "unsupervised_timeout" if now >= job.deadline else None
         if job.future.exception() is not None:
             return "unsupervised_error"
-        return job.future.result() or "unsupervised_no_snapshot"
+        return job.future.result() or "unsupervised_no_snapshot"  # a dict, a counter name, or None
 
-    def _infer(self, impressions: list[ImpressionRef]) -> dict[str, Supervision] | None:
-        fm = self.current_fm()
-        if fm is None:
-            return None
-        with self._lock:
-            self.counters["fm_calls"] += 1
-            self.counters["fm_rows"] += len(impressions)
+    def has_capacity(self) -> bool:
+        """Whether fewer than ``max_queued_rows`` impressions wait for or are in inference.
+
+        The worker reads no new log entries while this is False (flow control: a replay as fast
+        as possible then runs at the FM's speed instead of outrunning it); what it has read
+        still closes and is emitted on time.
+        """
+        return self._queued_rows < self.max_queued_rows
+
+    def _infer(self, impressions: list[ImpressionRef], deadline: float) -> dict[str, Supervision] | str | None:
+        try:
+            if self.clock() >= deadline:  # its examples are emitted without it: do not spend the FM on it
+                return "unsupervised_timeout"
+            fm = self.current_fm()
+            if fm is None:
+                return None
+            with self._lock:
+                self.counters["fm_calls"] += 1
+                self.counters["fm_rows"] += len(impressions)
+            return self._predict(fm, impressions)
+        finally:
+            with self._lock:
+                self._queued_rows -= len(impressions)
+
+    @staticmethod
+    def _predict(fm: SnapshotFM, impressions: list[ImpressionRef]) -> dict[str, Supervision]:
         probabilities = fm.predict(impressions)
         info = fm.info
         return {

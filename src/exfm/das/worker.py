@@ -214,6 +214,8 @@ class Worker:
                     idle_since = time.monotonic()
                 elif held:
                     self.supervisor.wait(held, timeout_s=0.05)
+                elif not self.supervisor.has_capacity():  # entries wait to be read: not idle
+                    stop.wait(0.005)
                 elif until_idle_s is not None and time.monotonic() - idle_since > until_idle_s:
                     break
                 else:
@@ -296,7 +298,8 @@ class Worker:
 
     def _process(self, number: int) -> int:
         state = self.partitions[number]
-        entries = self.backends.log.read(number, state.cursor, self.config.read_batch)
+        can_read = self.loader is None or self.supervisor.has_capacity()
+        entries = self.backends.log.read(number, state.cursor, self.config.read_batch) if can_read else []
         if entries:
             state.cursor = entries[-1][0]
             accepted = state.joiner.add(event for _, event in entries)

@@ -15,6 +15,11 @@ Decoding per batch of B rows:
 * labels -> float32 ``[B, T]``; logged FM predictions ``fm:<task>`` -> ``[B, T]`` with NaN where
   missing.
 
+A ``row_filter`` (a :class:`~exfm.data.views.View`: one VM's slice of a shared store) drops rows
+of each day *before* they are grouped into batches: batch numbers, resume positions, row counts
+and the causal normaliser then all refer to the filtered stream, exactly as if the dataset held
+only the view's rows.
+
 A background thread decodes ahead (``prefetch`` batches) and can pin memory and copy to a device.
 """
 
@@ -32,8 +37,9 @@ import pyarrow.parquet as pq
 import torch
 
 from exfm.data.batch import Batch, KeyedJagged
-from exfm.data.dataset import DOMAIN_COLUMN, TIME_COLUMN, Dataset
+from exfm.data.dataset import DOMAIN_COLUMN, REQUEST_ID_COLUMN, TIME_COLUMN, Dataset, DatasetError
 from exfm.data.hashing import bucketize
+from exfm.data.views import RowFilter, missing_request_id_message
 from exfm.schema import NumericFeature, Schema
 
 FM_PREDICTION_PREFIX = "fm:"
@@ -134,6 +140,8 @@ class StreamReader:
         passthrough: passthrough columns to carry (e.g. ``["p_click"]``).
         prefetch: batches decoded ahead by a background thread (0 = decode inline).
         device: copy batches to this device in the background thread (pinned, non-blocking).
+        row_filter: keep only the rows it selects (a :class:`~exfm.data.views.View`), applied to
+            each day's rows before batching; checked against the dataset here (:class:`DatasetError`).
     """
 
     def __init__(
@@ -147,11 +155,17 @@ class StreamReader:
         passthrough: Sequence[str] = (),
         prefetch: int = 4,
         device: torch.device | str | None = None,
+        row_filter: RowFilter | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         for day in days:
             dataset.day(day)  # raises for an unknown day
+        if row_filter is not None and getattr(row_filter, "is_identity", False):
+            row_filter = None  # keeps everything: read exactly as without a filter
+        if row_filter is not None and days:
+            last = max(days)  # the normaliser may read every earlier day
+            row_filter.check(dataset, [info.day for info in dataset.manifest.days if info.day <= last])
         self.dataset = dataset
         self.schema = dataset.schema
         self.days = list(days)
@@ -162,18 +176,43 @@ class StreamReader:
         self.prefetch = prefetch
         self.device = torch.device(device) if device is not None else None
         self.domains = dataset.manifest.domains
+        self.row_filter = row_filter
+        self._filter_columns = list(row_filter.columns()) if row_filter is not None else []
         self._numeric_names = [f.name for f in self.schema.numeric]
+        self._day_rows: dict[int, int] = {}
 
     # --- sizes ---------------------------------------------------------------------------------
+    def day_rows(self, day: int) -> int:
+        """Rows of ``day`` this reader's stream holds (after the row filter; exact).
+
+        Without a filter this is the manifest's count; with one, the filter's columns of the day
+        are read once and the count is cached.
+        """
+        if self.row_filter is None:
+            return self.dataset.day(day).rows
+        if day not in self._day_rows:
+            rows = 0
+            for path in self.dataset.day_files(day):
+                file = pq.ParquetFile(path)
+                self._check_filter_columns(path, set(file.schema_arrow.names))
+                for chunk in file.iter_batches(_READ_ROWS, columns=self._filter_columns):
+                    rows += int(np.count_nonzero(self.row_filter.mask(chunk)))
+            self._day_rows[day] = rows
+        return self._day_rows[day]
+
+    def batches_in_day(self, day: int) -> int:
+        """Batches ``day`` is grouped into (``ceil(day_rows / batch_size)``; 0 for an empty day)."""
+        return -(-self.day_rows(day) // self.batch_size)
+
     @property
     def total_rows(self) -> int:
-        """Rows this reader will yield from its start position."""
+        """Rows this reader will yield from its start position (after the row filter; exact)."""
         rows = 0
         for day in self.days:
             if day < self.start.day:
                 continue
             skipped = self.start.batch * self.batch_size if day == self.start.day else 0
-            rows += max(self.dataset.day(day).rows - skipped, 0)
+            rows += max(self.day_rows(day) - skipped, 0)
         return rows
 
     # --- iteration -----------------------------------------------------------------------------
@@ -216,15 +255,25 @@ class StreamReader:
         return normalizer
 
     def _day_tables(self, day: int, skip_batches: int, columns: list[str]) -> Iterator[pa.Table]:
-        """The day's rows as tables of ``batch_size`` rows (the last may be shorter)."""
+        """The day's rows (those the row filter keeps) as tables of ``batch_size`` rows (the last
+        may be shorter), each with exactly ``columns``."""
         to_skip = skip_batches * self.batch_size
+        extra = [c for c in self._filter_columns if c not in columns]
+        read = columns + extra
         pending: list[pa.RecordBatch] = []
         pending_rows = 0
         for path in self.dataset.day_files(day):
             file = pq.ParquetFile(path)
             available = set(file.schema_arrow.names)
-            for chunk in file.iter_batches(_READ_ROWS, columns=[c for c in columns if c in available]):
-                chunk = _add_missing_columns(chunk, columns)
+            self._check_filter_columns(path, available)
+            for chunk in file.iter_batches(_READ_ROWS, columns=[c for c in read if c in available]):
+                chunk = _add_missing_columns(chunk, read)
+                if self.row_filter is not None:
+                    chunk = chunk.filter(pa.array(self.row_filter.mask(chunk), pa.bool_()))
+                    if extra:
+                        chunk = chunk.select(columns)
+                    if not chunk.num_rows:
+                        continue
                 if to_skip >= chunk.num_rows:
                     to_skip -= chunk.num_rows
                     continue
@@ -238,6 +287,14 @@ class StreamReader:
                     pending, pending_rows = rest.to_batches(), rest.num_rows
         if pending_rows:
             yield pa.Table.from_batches(pending)
+
+    def _check_filter_columns(self, path: object, available: set[str]) -> None:
+        missing = [c for c in self._filter_columns if c not in available]
+        if not missing:
+            return
+        if missing == [REQUEST_ID_COLUMN]:
+            raise DatasetError(missing_request_id_message(self.dataset, path))
+        raise DatasetError(f"{path}: the reader's row filter needs column(s) {missing}, which the file lacks")
 
     def _columns(self) -> list[str]:
         schema = self.schema

@@ -52,6 +52,7 @@ import exfm
 from exfm.data.batch import Batch
 from exfm.data.dataset import Dataset, atomic_output_dir, atomic_write_text
 from exfm.data.reader import ReaderPosition, StreamReader
+from exfm.data.views import View
 from exfm.models.base import RecModel
 from exfm.models.registry import count_parameters
 from exfm.schema import Schema
@@ -243,24 +244,29 @@ def export_run(
             "position": {"day": position[0], "batch": position[1]},
             "examples": state.get("examples"),
             "train_days": list(config.train_days),
+            **({"view": config.view.model_dump(mode="json")} if config.view is not None else {}),
         },
         "ignored_state": ignored,
     }
-    moments = numeric_moments(dataset, position, config.batch_size)
+    moments = numeric_moments(dataset, position, config.batch_size, view=config.view)
     return export_model(
         model, out_dir, dataset.schema, numeric_moments=moments, metadata=metadata, onnx=onnx, overwrite=overwrite
     )
 
 
-def numeric_moments(dataset: Dataset, position: tuple[int, int], batch_size: int) -> dict[str, tuple[float, float]]:
+def numeric_moments(
+    dataset: Dataset, position: tuple[int, int], batch_size: int, *, view: View | None = None
+) -> dict[str, tuple[float, float]]:
     """``{feature: (mean, std)}`` of the standardised numeric features, as the reader has them at ``position``.
 
     ``position = (day, batch)`` is a stream position (the next batch to read); the moments are
     those of every row before it (:meth:`~exfm.data.reader.StreamReader.start_normalizer`), i.e.
-    the transform the reader applies to the batch at ``position``.
+    the transform the reader applies to the batch at ``position``. A run trained through a
+    ``view`` saw only the view's rows: pass it, so that the moments (and the position) are those
+    of the filtered stream.
     """
     day, batch = position
-    reader = StreamReader(dataset, [day], batch_size, start=ReaderPosition(day, batch), prefetch=0)
+    reader = StreamReader(dataset, [day], batch_size, start=ReaderPosition(day, batch), prefetch=0, row_filter=view)
     normalizer = reader.start_normalizer()
     mean, std = normalizer.moments()
     numeric = dataset.schema.numeric

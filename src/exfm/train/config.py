@@ -7,6 +7,7 @@ Example (``configs/synthetic_fm.yaml``)::
     tasks: [click]                    # default: every label of the schema
     train_days: [1, 4]                # first and last day, inclusive, trained once in order
     eval_days: [5]                    # evaluated after training
+    view: {domains: [a], traffic_fraction: 0.5, traffic_salt: vm-a}   # optional: this VM's slice of the data
     batch_size: 4096
     distillation: {method: ah, loss_weight: 1.0, label_scale: 1.0, gradient_scale: 1.0}   # optional
     dense_optimizer: {name: adam, lr: 0.001}
@@ -22,6 +23,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from exfm.data.views import View
 from exfm.models.registry import ModelConfig
 from exfm.schema import Schema, format_validation_error, read_yaml
 
@@ -100,6 +102,7 @@ class TrainConfig(_Strict):
     tasks: list[str] | None = Field(None, min_length=1, description="default: every schema label")
     train_days: tuple[int, int] = Field(description="first and last training day, inclusive")
     eval_days: list[int] = Field(default_factory=list)
+    view: View | None = Field(None, description="the rows this model trains and is evaluated on; None = all")
     batch_size: int = Field(4096, gt=0)
     distillation: DistillationConfig = DistillationConfig()
     dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
@@ -131,7 +134,12 @@ class TrainConfig(_Strict):
         return list(range(self.train_days[0], self.train_days[1] + 1))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The config as YAML (``view`` left out when there is none, so that the ``config.yaml`` of a
+        run without a view is the same as before views existed, and such a run can be resumed)."""
+        data = self.model_dump(mode="json")
+        if data["view"] is None:
+            del data["view"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 def parse_train_config(data: object, origin: str = "<config>") -> TrainConfig:

@@ -17,11 +17,15 @@ to what it held at that checkpoint. With one thread on the CPU, a killed-and-res
 with bit-identical parameters to an uninterrupted one (``tests/test_trainer.py``).
 
 Afterwards every ``eval_days`` day is evaluated exactly (:func:`evaluate_day`).
+
+With ``config.view`` (:class:`exfm.data.views.View`: a VM's slice of a shared store) both the
+training stream and the evaluation days are read through the view: the model trains, is scored
+progressively and is evaluated on the view's rows only, and batch positions, checkpoints and the
+causal normaliser all refer to the filtered stream.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +35,7 @@ from tqdm import tqdm
 
 from exfm.data.dataset import Dataset, open_dataset
 from exfm.data.reader import ReaderPosition, StreamReader
+from exfm.data.views import View
 from exfm.distill.objectives import build_objective
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
@@ -110,6 +115,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
     """Train ``config.model`` one pass over ``config.train_days``, then evaluate ``config.eval_days``."""
     dataset = open_dataset(config.data)
     tasks = config.tasks_for(dataset.schema)
+    if config.view is not None:  # before the run directory is made: a bad view leaves nothing behind
+        last = max([*config.train_day_list, *config.eval_days])
+        config.view.check(dataset, [info.day for info in dataset.manifest.days if info.day <= last])
     model = build_for_run(config, dataset)
     objective = build_objective(config.distillation, model, dataset.schema, tasks)  # adds training heads
     optimizers = Optimizers(model, config.dense_optimizer, config.sparse_optimizer)
@@ -127,8 +135,9 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
         with_fm_predictions=objective.reads_fm_predictions,
         prefetch=config.prefetch,
         device=config.device,
+        row_filter=config.view,
     )
-    batches_per_day = {d: math.ceil(dataset.day(d).rows / config.batch_size) for d in config.train_day_list}
+    batches_per_day = {d: reader.batches_in_day(d) for d in config.train_day_list}
     bar = tqdm(total=reader.total_rows, unit="ex", unit_scale=True, disable=not show_progress, desc="train")
     interval_start, interval_examples = time.perf_counter(), 0
     checkpoint_seconds = 0.0
@@ -173,7 +182,7 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
 
     evaluations = {}
     for day in config.eval_days:
-        evaluations[day] = evaluate_day(model, dataset, day, tasks, config.batch_size, config.device)
+        evaluations[day] = evaluate_day(model, dataset, day, tasks, config.batch_size, config.device, view=config.view)
         run.log(
             {
                 "event": "eval",
@@ -194,14 +203,22 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
 
 @torch.no_grad()
 def evaluate_day(
-    model: RecModel, dataset: Dataset, day: int, tasks: list[str], batch_size: int = 4096, device: str = "cpu"
+    model: RecModel,
+    dataset: Dataset,
+    day: int,
+    tasks: list[str],
+    batch_size: int = 4096,
+    device: str = "cpu",
+    *,
+    view: View | None = None,
 ) -> dict[str, dict[str, MetricSet]]:
-    """Exact metrics of the model's serving heads on one day: ``result[task]["all" | domain]``."""
+    """Exact metrics of the model's serving heads on one day (only the rows of ``view``, if given):
+    ``result[task]["all" | domain]`` (every domain of the dataset listed; those outside the view empty)."""
     label_index = torch.tensor([dataset.schema.tasks.index(t) for t in tasks])
     metrics = StreamingMetrics(tasks, dataset.manifest.domains)
     was_training = model.training
     model.eval()
-    for batch in StreamReader(dataset, [day], batch_size, device=device):
+    for batch in StreamReader(dataset, [day], batch_size, device=device, row_filter=view):
         logits = stack_logits(model(batch, heads=tasks), tasks)
         metrics.update(logits, batch.labels.index_select(1, label_index.to(batch.labels.device)), batch.domain)
     model.train(was_training)
@@ -211,10 +228,11 @@ def evaluate_day(
 def evaluate_checkpoint(
     run_dir: str | Path, day: int, checkpoint: str = "last", device: str = "cpu"
 ) -> dict[str, dict[str, MetricSet]]:
-    """Evaluate the served model of a run's checkpoint (``last``, ``day-04``, ...) on one day."""
+    """Evaluate the served model of a run's checkpoint (``last``, ``day-04``, ...) on one day
+    (through the run's view, if it has one)."""
     saved = open_run(run_dir, checkpoint, device=device)
     model, _ = saved.served_model()
-    return evaluate_day(model, saved.dataset, day, saved.tasks, saved.config.batch_size, device)
+    return evaluate_day(model, saved.dataset, day, saved.tasks, saved.config.batch_size, device, view=saved.config.view)
 
 
 def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:

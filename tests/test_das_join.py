@@ -295,3 +295,23 @@ def test_sqlite_log_accepts_concurrent_writers(tmp_path: Path):
         writer.join()
         assert writer.exitcode == 0
     assert len(SQLiteEventLog(tmp_path / "log.sqlite").read(0)) == 2 * 100  # overlapping ranges deduplicated
+
+
+def test_hourly_partitions_hold_the_same_rows_as_daily_ones(tmp_path: Path):
+    source = make_tiny_dataset(tmp_path / "src", rows_per_day=120, days=2)
+    j = joiner()
+    for impression, labels in replay_dataset(source, [1, 2]):
+        j.add([impression, *labels])
+    examples = j.advance(10**18)
+    daily, hourly = (SharedStore(tmp_path / kind, tiny_schema(), partition_by=kind) for kind in ("day", "hour"))
+    assert daily.commit(examples).rows == hourly.commit(examples).rows == 240
+    files = sorted(p.relative_to(tmp_path / "hour").as_posix() for p in (tmp_path / "hour").rglob("*.parquet"))
+    assert all(f.startswith(("day=01/hour=", "day=02/hour=")) and f.endswith("/part-00001.parquet") for f in files)
+    assert len(files) > 2
+    hours = {int(f.split("hour=")[1][:2]) for f in files}
+    assert hours <= set(range(24))
+    assert read_rows(tmp_path / "hour").to_pylist() == read_rows(tmp_path / "day").to_pylist()
+    by_hour, by_day = (open_dataset(tmp_path / kind).manifest.days for kind in ("hour", "day"))
+    assert [(d.day, d.rows, d.domains) for d in by_hour] == [(d.day, d.rows, d.domains) for d in by_day]
+    for hour_info, day_info in zip(by_hour, by_day, strict=True):
+        assert hour_info.label_rates == pytest.approx(day_info.label_rates)

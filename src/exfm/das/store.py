@@ -4,6 +4,7 @@ The store's root *is* an exfm dataset (see :mod:`exfm.data.dataset`) that grows 
 
     ROOT/store.sqlite                   commit records and the ids of every stored request
     ROOT/day=03/part-00007.parquet      rows of commit 7 that fall on day 3, sorted by time
+    ROOT/day=03/hour=05/part-00007...   the same, partitioned by hour (``partition_by="hour"``)
     ROOT/manifest.json, schema.yaml     rewritten atomically after every commit
 
 A commit (:meth:`SharedStore.commit`):
@@ -52,6 +53,7 @@ import time
 from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -110,13 +112,13 @@ class _Prepared:
     fresh: list[str]  # request ids to store
     duplicates: int
     out_of_range: int
-    days: list[tuple[int, Path, dict]]  # (day, staging file, summary)
+    files: list[tuple[int, str, Path, dict]]  # (day, directory, staging file, summary)
 
     def discard(self) -> None:
         """Delete the staging files that were not moved into place."""
-        for _, staged, _ in self.days:
+        for _, _, staged, _ in self.files:
             staged.unlink(missing_ok=True)
-        self.days.clear()
+        self.files.clear()
 
 
 class SharedStore:
@@ -126,15 +128,27 @@ class SharedStore:
         root: the dataset directory (created if missing).
         schema: the feature schema; its split must be ``calendar`` with a ``start`` date.
         timeout_s: how long a commit waits for another process's write lock.
+        manifest_interval_s: rewrite the manifest after a commit only if the last rewrite is this
+            old (0: after every commit); :meth:`flush` and :meth:`close` always rewrite it.
+        partition_by: ``day`` (``day=NN/part-SEQ.parquet``) or ``hour``
+            (``day=NN/hour=HH/part-SEQ.parquet``, hours counted from the day's start).
     """
 
-    def __init__(self, root: str | Path, schema: Schema, timeout_s: float = 30.0, manifest_interval_s: float = 0.0):
+    def __init__(
+        self,
+        root: str | Path,
+        schema: Schema,
+        timeout_s: float = 30.0,
+        manifest_interval_s: float = 0.0,
+        partition_by: Literal["day", "hour"] = "day",
+    ):
         if schema.split.mode != "calendar" or schema.split.start is None:
             raise DatasetError(f"schema {schema.name!r}: a shared store needs split.mode calendar with a start date")
         self.root = Path(root)
         self.schema = schema
         self.arrow_schema = store_arrow_schema(schema)
         self.boundaries = day_boundaries(schema.split, 0, 0)
+        self.partition_by = partition_by
         self._manifest_count = 0
         self.manifest_interval_s = manifest_interval_s
         self._manifest_written_at = -math.inf
@@ -232,10 +246,21 @@ class SharedStore:
         days = assign_days(table.column(TIME_COLUMN).to_numpy(), self.boundaries)
         for day in np.unique(days[days > 0]).tolist():
             day_table = table.filter(pa.array(days == day))
-            staged = self.root / day_dir_name(day) / f".staged-{os.getpid()}-{secrets.token_hex(6)}.parquet"
-            _atomic_write_table(day_table, staged)
-            prepared.days.append((day, staged, summarize_day(day_table, self.schema)))
+            for directory, piece in self._directories(day, day_table):
+                staged = self.root / directory / f".staged-{os.getpid()}-{secrets.token_hex(6)}.parquet"
+                _atomic_write_table(piece, staged)
+                prepared.files.append((day, directory, staged, summarize_day(piece, self.schema)))
         return prepared
+
+    def _directories(self, day: int, table: pa.Table) -> list[tuple[str, pa.Table]]:
+        """The day's rows by directory: ``day=NN`` or, partitioned by hour, ``day=NN/hour=HH``."""
+        if self.partition_by == "day":
+            return [(day_dir_name(day), table)]
+        hours = (table.column(TIME_COLUMN).to_numpy() - int(self.boundaries[day - 1])) // (3600 * 1_000_000)
+        return [
+            (f"{day_dir_name(day)}/hour={hour:02d}", table.filter(pa.array(hours == hour)))
+            for hour in np.unique(hours).tolist()
+        ]
 
     @staticmethod
     def _claim_ids(db: sqlite3.Connection, request_ids: list[str], seq: int) -> bool:
@@ -254,12 +279,12 @@ class SharedStore:
         """Inside the write transaction: move the staged files to their names and record the commit."""
         if not prepared.fresh:
             return CommitResult(None, 0, prepared.duplicates, 0)
-        for day, staged, summary in prepared.days:
-            relative = f"{day_dir_name(day)}/part-{seq:05d}.parquet"
+        for day, directory, staged, summary in prepared.files:
+            relative = f"{directory}/part-{seq:05d}.parquet"
             os.replace(staged, self.root / relative)
             db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?)", (relative, day, seq))
             self._merge_summary(day, summary)
-        prepared.days.clear()
+        prepared.files.clear()
         rows = len(prepared.fresh) - prepared.out_of_range
         owner = (fence.partition, fence.token) if fence else (None, None)
         db.execute(
@@ -315,7 +340,7 @@ class SharedStore:
         """Rewrite schema.yaml and manifest.json from the committed records (under the write lock)."""
         with write_transaction(self._db) as db:
             files: dict[int, list[str]] = {}
-            for path, day in db.execute("SELECT path, day FROM files ORDER BY day, seq"):
+            for path, day in db.execute("SELECT path, day FROM files ORDER BY day, seq, path"):
                 files.setdefault(day, []).append(path)
             entries = []
             for day, summary in db.execute("SELECT day, summary FROM days ORDER BY day"):

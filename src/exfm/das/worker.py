@@ -78,6 +78,7 @@ class DASConfig(BaseModel):
     renew_s: float = Field(2.0, gt=0, description="how often claims are renewed and snapshots polled")
     read_batch: int = Field(4096, ge=1, description="log entries read per partition and step")
     manifest_interval_s: float = Field(1.0, ge=0, description="rewrite the store's manifest at most this often")
+    partition_by: Literal["day", "hour"] = Field("day", description="the store's Parquet partitions")
     fm_latency_budget_s: float = Field(1.0, ge=0)
     fm_batch: int = Field(4096, ge=1)
     redis_url: str | None = None
@@ -186,7 +187,12 @@ class Worker:
         self.config = config
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10**9}"
         self.backends = backends or open_backends(config)
-        self.store = SharedStore(config.store, config.schema(), manifest_interval_s=config.manifest_interval_s)
+        self.store = SharedStore(
+            config.store,
+            config.schema(),
+            manifest_interval_s=config.manifest_interval_s,
+            partition_by=config.partition_by,
+        )
         self.counters: Counter[str] = Counter()
         self.join_counters: Counter[str] = Counter()  # of the joiners of partitions this worker dropped
         self.partitions: dict[int, _Partition] = {}

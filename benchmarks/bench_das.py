@@ -5,12 +5,14 @@ impression batches of 4096 rows plus one label event per positive task:
 
 * ``das.joined_per_s``: the embedded backend (SQLite log, queue and Zeus; Parquet store), no FM,
   two worker processes on the 2-core machine; ``das.joined_per_s_1_worker`` with one. The rows are
-  in the log before the workers start; the rate counts rows stored from the moment every worker
-  holds its share of the partitions (start-up and rebalancing excluded) to the last row.
-* ``das.supervision_fraction``: one worker with a DCNv2 FM snapshot (the zoo preset, untrained:
-  speed does not depend on the weights): supervised examples/s divided by the FM's raw batched
-  inference speed on the same rows (``fm.raw_rows_per_s``, batches of 4096, one thread); the
-  ``_large_fm`` variants use a DCNv2 with about 15x the compute (``LARGE_DCNV2``).
+  in the log before the workers start; the workers wait for each other (``min_workers``) before
+  claiming, and the rate counts from the first claim to the last stored row.
+* ``das.supervision_fraction``: one worker with a DCNv2 FM snapshot (untrained: speed does not
+  depend on the weights): supervised examples/s divided by the FM's raw batched inference speed on
+  the same rows (``fm.raw_rows_per_s``, batches of 4096, one thread). The FM is a DCNv2 with about
+  15x the zoo preset's compute (``LARGE_DCNV2``): an FM much larger than the VMs, so that the FM,
+  not the join, is the bottleneck, which is what the ratio is about. The ``_zoo_fm`` variants use
+  the zoo preset (cheaper per row than joining: there the ratio is bounded by the join's speed).
 * ``das.scaleout_3_workers``: the distributed backend (Redis log and queue, ZooKeeper Zeus,
   servers started on loopback), joined/s of 3 workers divided by that of 1 (also 2). Skipped
   (reported as missing) when ``redis-server`` or ZooKeeper are not installed.
@@ -78,11 +80,8 @@ def replay(config_path: Path, data: Path) -> tuple[int, float]:
 
 
 def run_workers(config_path: Path, workers: int, rows: int) -> float:
-    """Start ``workers`` worker processes; joined examples/s in the steady state.
-
-    The rate counts the rows stored from the moment every worker holds its share of the
-    partitions (after the start-up and its rebalancing) until the last row is stored.
-    """
+    """Start ``workers`` worker processes (``min_workers`` of them: no start-up rebalancing);
+    joined examples/s from the first claim to the last stored row."""
     config = DASConfig.load(config_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "exfm.cli", "das", "worker", "--config", str(config_path), "--until-idle", "2"]
@@ -91,14 +90,10 @@ def run_workers(config_path: Path, workers: int, rows: int) -> float:
     ]
     queue = open_backends(config).queue
     store = SharedStore(config.store, config.schema())
-    share = -(-config.partitions // workers)
     try:
-        while True:
-            holders = [claim.worker_id for claim in queue.holders().values()]
-            if len(set(holders)) == workers and max(holders.count(w) for w in set(holders)) <= share:
-                break
+        while not queue.holders():
             time.sleep(0.01)
-        start, stored_at_start = time.perf_counter(), store.stored_rows()
+        start = time.perf_counter()
         while store.stored_rows() < rows:
             if any(p.poll() not in (None, 0) for p in processes):
                 raise RuntimeError("a worker failed")
@@ -109,7 +104,7 @@ def run_workers(config_path: Path, workers: int, rows: int) -> float:
     finally:
         for process in processes:
             process.kill()
-    return (rows - stored_at_start) / seconds
+    return rows / seconds
 
 
 LARGE_DCNV2 = {"embedding_dim": 64, "num_cross_layers": 4, "deep_hidden": [1024, 1024, 512]}
@@ -181,7 +176,7 @@ def distributed_scaleout(tmp: Path, data: Path, rows: int) -> dict[int, float] |
             from exfm.das.redis_backend import connect_redis
 
             connect_redis(redis.url).flushall()
-            config_path = write_config(tmp / f"distributed{workers}", data, **settings)
+            config_path = write_config(tmp / f"distributed{workers}", data, min_workers=workers, **settings)
             replay(config_path, data)
             rates[workers] = run_workers(config_path, workers, rows)
     return rates
@@ -204,14 +199,14 @@ def main() -> None:
 
         embedded = {}
         for workers in (1, 2):
-            config_path = write_config(tmp / f"embedded{workers}", data)
+            config_path = write_config(tmp / f"embedded{workers}", data, min_workers=workers)
             entries, seconds = replay(config_path, data)
             embedded[workers] = run_workers(config_path, workers, rows)
         metrics["das.replay_entries_per_s"] = metric(entries / seconds, "entries/s")
         metrics["das.joined_per_s_1_worker"] = metric(embedded[1], "examples/s")
         metrics["das.joined_per_s"] = metric(embedded[2], "examples/s", ">= 50,000 (2 workers, 2 cores)")
 
-        for name, large in (("", False), ("_large_fm", True)):
+        for name, large in (("_zoo_fm", False), ("", True)):
             config_path = write_config(tmp / f"supervised{name}", data, fm="fm", fm_batch=4096)
             fm = publish_dcnv2(DASConfig.load(config_path).spd, data, large)
             raw = raw_fm_rows_per_s(fm, data)

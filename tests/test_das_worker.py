@@ -23,10 +23,11 @@ from conftest import TINY_SCHEMA, make_tiny_dataset, train_config
 from exfm.das.events import Impression, Label, replay_dataset, replay_into, watermarks
 from exfm.das.joiner import JoinedExample
 from exfm.das.loader import Updater
-from exfm.das.snapshots import load_weights, publish_snapshot
+from exfm.das.snapshots import list_snapshots, load_weights, publish_snapshot
 from exfm.das.store import REQUEST_ID_COLUMN, Fence, StaleClaimError
 from exfm.das.supervisor import SnapshotFM, Supervisor
 from exfm.das.worker import DASConfig, Worker, format_status, open_backends, read_status
+from exfm.das.zeus import SQLiteZeus
 from exfm.data.dataset import open_dataset
 from exfm.data.reader import decode_table
 from exfm.distill.supervision import FM_SNAPSHOT_COLUMN, FM_TRAINED_THROUGH_COLUMN
@@ -351,8 +352,8 @@ def _write_locked(path: Path) -> bool:
         db.close()
 
 
-def test_sigstop_past_the_lease_then_sigcont_writes_nothing_stale(tmp_path: Path, big_stream):
-    config = write_config(tmp_path, lease_s=1.0, renew_s=0.1, read_batch=16)
+def test_sigstop_past_the_lease_then_sigcont_writes_nothing_stale(tmp_path: Path, big_stream, backend):
+    config = write_config(tmp_path, lease_s=1.0, renew_s=0.1, read_batch=16, **backend)
     replay(open_backends(config).log, big_stream, [1, 2], close_with_watermark_us=CLOSE_US)
     paused = _start_worker(tmp_path / "das.yaml", "paused")
     queue = open_backends(config).queue
@@ -386,11 +387,13 @@ def test_sigstop_past_the_lease_then_sigcont_writes_nothing_stale(tmp_path: Path
 def test_status_command_reports_partitions_and_workers(tmp_path: Path, fm_world, capsys):
     data, _ = fm_world
     config = write_config(tmp_path)
-    replay(open_backends(config).log, data, [1], close_with_watermark_us=CLOSE_US)
     from exfm.cli import main
 
+    config_path = str(tmp_path / "das.yaml")
+    assert main(["das", "replay", "--config", config_path, "--data", str(data), "--days", "1", "--close"]) == 0
+    assert "appended" in capsys.readouterr().out
     Worker(config, "w").run(until_idle_s=0.3)
-    assert main(["das", "status", "--config", str(tmp_path / "das.yaml")]) == 0
+    assert main(["das", "status", "--config", config_path]) == 0
     out = capsys.readouterr().out
     assert "stored rows: 300" in out and "w " in out
     status = read_status(config)
@@ -427,3 +430,14 @@ def test_workers_resume_after_the_coordination_store_is_killed_and_restarted(
     ids = read_store(config.store)[REQUEST_ID_COLUMN].to_pylist()
     assert len(ids) == len(set(ids)) == 3000  # nothing lost, nothing twice
     assert _tokens_never_go_back(store.commit_log())
+
+
+def test_the_fm_trainer_publishes_a_snapshot_at_every_day_end(tmp_path: Path, fm_world):
+    data, _ = fm_world
+    publish = {"spd": str(tmp_path / "spd"), "fm": "fm"}
+    train(parse_train_config(train_config(data, train_days=[1, 2], eval_days=[], publish=publish), "t"), tmp_path / "r")
+    snapshots = list_snapshots(tmp_path / "spd", "fm")
+    assert [s.manifest["source"]["checkpoint"] for s in snapshots] == ["day-01", "day-02"]
+    assert snapshots[0].train_through_us < snapshots[1].train_through_us
+    zeus = SQLiteZeus(tmp_path / "zeus.sqlite")
+    assert Updater(zeus, tmp_path / "spd", "fm", "u").step() == snapshots[1].snapshot_id  # the newest

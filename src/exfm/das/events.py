@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from exfm.das.sqlite import write_transaction
 from exfm.data.dataset import DOMAIN_COLUMN, REQUEST_ID_COLUMN, TIME_COLUMN, open_dataset
 from exfm.data.hashing import stable_hash
 
@@ -336,21 +337,6 @@ class SQLiteEventLog:
 
 def _seq(offset: str | None) -> int:
     return 0 if offset is None else int(offset)
-
-
-@contextlib.contextmanager
-def write_transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` (take the write lock now); commit on success, roll back on error.
-
-    The connection must be in autocommit mode (``isolation_level=None``).
-    """
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def replay_dataset(

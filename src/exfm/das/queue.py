@@ -15,13 +15,15 @@ Backends: :class:`SQLiteWorkQueue` (embedded, one SQLite file in WAL mode) and
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from exfm.das.sqlite import connection, write
 
 
 @dataclass(frozen=True)
@@ -94,25 +96,12 @@ class SQLiteWorkQueue:
             )
             conn.execute("CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, expires_at REAL NOT NULL)")
 
-    @contextmanager
-    def _connect(self):
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, 30.0)
 
-    @contextmanager
-    def _write(self):
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: it holds the write lock from its first statement."""
+        return write(self.path, 30.0)
 
     def heartbeat(self, worker_id: str, ttl_s: float) -> None:
         with self._write() as conn:

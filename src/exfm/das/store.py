@@ -59,8 +59,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from exfm.das.events import Impression, ImpressionBatch, write_transaction
+from exfm.das.events import Impression, ImpressionBatch
 from exfm.das.joiner import JoinedExample
+from exfm.das.sqlite import write_transaction
 from exfm.data.dataset import (
     DOMAIN_COLUMN,
     MANIFEST_NAME,

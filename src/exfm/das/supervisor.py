@@ -95,6 +95,8 @@ class Supervisor:
         current_fm: returns the snapshot to use now (the loader's current one), or None.
         latency_budget_s: how long after submission an example's emission may wait for its inference.
         max_batch: impressions per FM call.
+        max_queued_rows: flow control (:meth:`has_capacity`); default two batches, the one running
+            and the next, so that a queued batch does not wait past the budget behind a long queue.
         clock: wall-clock seconds (injectable for tests).
     """
 
@@ -109,7 +111,7 @@ class Supervisor:
         self.current_fm = current_fm
         self.latency_budget_s = latency_budget_s
         self.max_batch = max_batch
-        self.max_queued_rows = 4 * max_batch if max_queued_rows is None else max_queued_rows
+        self.max_queued_rows = 2 * max_batch if max_queued_rows is None else max_queued_rows
         self._queued_rows = 0
         self.clock = clock
         self.counters: Counter[str] = Counter()

@@ -77,9 +77,13 @@ class DASConfig(BaseModel):
     lease_s: float = Field(10.0, gt=0, description="claim lease; a dead worker's partitions move after it")
     renew_s: float = Field(2.0, gt=0, description="how often claims are renewed and snapshots polled")
     read_batch: int = Field(4096, ge=1, description="log entries read per partition and step")
+    min_workers: int = Field(
+        1, ge=1, description="a starting worker claims nothing until this many are live (or startup_wait_s passed)"
+    )
+    startup_wait_s: float = Field(30.0, ge=0, description="the longest a starting worker waits for min_workers")
     manifest_interval_s: float = Field(1.0, ge=0, description="rewrite the store's manifest at most this often")
     partition_by: Literal["day", "hour"] = Field("day", description="the store's Parquet partitions")
-    fm_latency_budget_s: float = Field(1.0, ge=0)
+    fm_latency_budget_s: float = Field(5.0, ge=0, description="how long a closed example waits for its FM prediction")
     fm_batch: int = Field(4096, ge=1)
     redis_url: str | None = None
     zookeeper_hosts: str | None = None
@@ -256,7 +260,11 @@ class Worker:
                 self._drop(number, "lost")
             else:
                 state.claim = renewed
-        share = fair_share(queue.partitions, len(queue.live_workers()))
+        live = len(queue.live_workers())
+        if live < config.min_workers and time.monotonic() - self._started < config.startup_wait_s:
+            self._report()  # an initial rebalance delay: wait for the planned workers before claiming
+            return
+        share = fair_share(queue.partitions, live)
         held = queue.holders()
         for number in range(queue.partitions):
             if len(self.partitions) >= share:

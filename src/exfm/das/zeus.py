@@ -17,13 +17,15 @@ Per FM there is one pointer ``(snapshot_id, version, lease_owner, lease_expires)
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from exfm.das.sqlite import connection, write
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS pointers (
@@ -104,29 +106,14 @@ class SQLiteZeus:
         self.clock = clock
         self.busy_timeout_s = busy_timeout_s
         with self._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        # one connection per call: sqlite3 connections must not be shared between threads
-        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _connect(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return connection(self.path, self.busy_timeout_s)
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
+    def _write(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """A ``BEGIN IMMEDIATE`` transaction: it holds the write lock from its first statement."""
-        with self._connect() as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        return write(self.path, self.busy_timeout_s)
 
     def get_pointer(self, fm: str) -> Pointer:
         """The FM's pointer (version 0 and no snapshot if none was ever set)."""

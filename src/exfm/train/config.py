@@ -94,6 +94,13 @@ class DistillationConfig(_Strict):
     adapter: StudentAdapterConfig = StudentAdapterConfig()
 
 
+class PublishConfig(_Strict):
+    """Publish the served model to a DAS Snapshot Publishing Database at every training day's end."""
+
+    spd: Path = Field(description="the SPD directory (created if missing)")
+    fm: str = Field(description="the FM's name: its Zeus pointer key")
+
+
 class TrainConfig(_Strict):
     """One one-pass streaming training job."""
 
@@ -105,6 +112,7 @@ class TrainConfig(_Strict):
     view: View | None = Field(None, description="the rows this model trains and is evaluated on; None = all")
     batch_size: int = Field(4096, gt=0)
     distillation: DistillationConfig = DistillationConfig()
+    publish: PublishConfig | None = Field(None, description="as an FM: publish a DAS snapshot at each day end")
     dense_optimizer: DenseOptimizerConfig = DenseOptimizerConfig()
     sparse_optimizer: SparseOptimizerConfig = SparseOptimizerConfig()
     checkpoint_every: int = Field(500, ge=0, description="batches between checkpoints; 0 = day ends only")
@@ -134,11 +142,9 @@ class TrainConfig(_Strict):
         return list(range(self.train_days[0], self.train_days[1] + 1))
 
     def to_yaml(self) -> str:
-        """The config as YAML (``view`` left out when there is none, so that the ``config.yaml`` of a
-        run without a view is the same as before views existed, and such a run can be resumed)."""
-        data = self.model_dump(mode="json")
-        if data["view"] is None:
-            del data["view"]
+        """The config as YAML; optional sections that are unset (``view``, ``publish``, ...) are left
+        out, so a run's ``config.yaml`` does not change when a new optional section is added."""
+        data = {key: value for key, value in self.model_dump(mode="json").items() if value is not None}
         return yaml.safe_dump(data, sort_keys=False)
 
 

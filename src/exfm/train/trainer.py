@@ -177,6 +177,8 @@ def train(config: TrainConfig, run_dir: str | Path, *, resume: bool = False, sho
             checkpointer.save(position, examples, batches)
             if day_end:
                 run.keep_checkpoint(f"day-{batch.day:02d}")
+                if config.publish is not None:
+                    _publish(config, run.root, batch.day)
             checkpoint_seconds += time.perf_counter() - saving
     bar.close()
 
@@ -242,3 +244,14 @@ def _as_dicts(result: dict[str, dict[str, MetricSet]]) -> dict:
 def _cumulative_ne(record: dict, task: str) -> str:
     ne = record["progressive"]["tasks"][task]["cumulative"]["all"]["ne"]
     return "n/a" if ne is None else f"{ne:.4f}"
+
+
+def _publish(config: TrainConfig, run_root: Path, day: int) -> None:
+    """Publish the day-end checkpoint's served model to the SPD (a DAS snapshot).
+
+    A run killed between the day-end checkpoint and this call skips that day's snapshot on
+    resume; ``exfm das publish --checkpoint day-NN`` publishes it by hand.
+    """
+    from exfm.das.snapshots import publish_snapshot  # DAS is optional for training
+
+    publish_snapshot(config.publish.spd, run_root, f"day-{day:02d}", fm=config.publish.fm)

@@ -441,3 +441,26 @@ def test_the_fm_trainer_publishes_a_snapshot_at_every_day_end(tmp_path: Path, fm
     assert snapshots[0].train_through_us < snapshots[1].train_through_us
     zeus = SQLiteZeus(tmp_path / "zeus.sqlite")
     assert Updater(zeus, tmp_path / "spd", "fm", "u").step() == snapshots[1].snapshot_id  # the newest
+
+
+def test_supervisor_batches_impressions_while_the_fm_is_busy():
+    sizes = []
+
+    class RecordingFM(StubFM):
+        def predict(self, impressions):
+            sizes.append(len(impressions))
+            return super().predict(impressions)
+
+    supervisor = Supervisor(lambda: RecordingFM(delay_s=0.3), latency_budget_s=30.0, max_batch=250)
+    impressions = [Impression(f"r{i}", i, {}, None) for i in range(500)]
+    for start in range(0, 500, 100):
+        assert supervisor.has_capacity()
+        supervisor.submit([(impression, 0) for impression in impressions[start : start + 100]])
+    assert not supervisor.has_capacity()  # 500 sent or buffered: the two batches flow control allows
+    examples = [JoinedExample(i.request_id, i.time_us, {"click": 0}, 0, i) for i in impressions]
+    attached = supervisor.attach(examples)
+    # the first 100 go at once (the FM was idle); the next ones wait for a full batch of 250; the
+    # last 150 are sent when their examples close
+    assert sizes == [100, 250, 150]
+    assert all(e.supervision is not None for e in attached) and supervisor.counters["supervised"] == 500
+    supervisor.close()

@@ -112,7 +112,9 @@ class Supervisor:
         self.latency_budget_s = latency_budget_s
         self.max_batch = max_batch
         self.max_queued_rows = 2 * max_batch if max_queued_rows is None else max_queued_rows
-        self._queued_rows = 0
+        self._queued_rows = 0  # sent to the FM, not finished
+        self._buffer: list[tuple[ImpressionRef, float]] = []  # (impression, submitted at), not sent yet
+        self._buffered: set[str] = set()
         self.clock = clock
         self.counters: Counter[str] = Counter()
         self._jobs: dict[str, _Job] = {}
@@ -120,16 +122,31 @@ class Supervisor:
         self._lock = threading.Lock()
 
     def submit(self, impressions: Sequence[ImpressionRef]) -> None:
-        """Queue new impressions (``(source, row)``, as the joiner accepted them) for inference,
-        in batches of at most ``max_batch``."""
-        for start in range(0, len(impressions), self.max_batch):
-            chunk = list(impressions[start : start + self.max_batch])
-            deadline = self.clock() + self.latency_budget_s
+        """Queue new impressions (``(source, row)``, as the joiner accepted them) for inference.
+
+        Dynamic batching: they are sent to the FM in batches of ``max_batch``, or at once while the
+        FM is idle, or when one of their examples closes (:meth:`take_ready`).
+        """
+        now = self.clock()
+        for ref in impressions:
+            self._buffer.append((ref, now))
+            self._buffered.add(ref_request_id(ref))
+        self.dispatch()
+
+    def dispatch(self, force: bool = False) -> None:
+        """Send buffered impressions to the FM: full batches, or everything if the FM is idle or ``force``."""
+        while self._buffer and (force or len(self._buffer) >= self.max_batch or self._queued_rows == 0):
+            chunk = self._buffer[: self.max_batch]
+            del self._buffer[: self.max_batch]
+            refs = [ref for ref, _ in chunk]
+            deadline = chunk[0][1] + self.latency_budget_s  # the oldest impression's
             with self._lock:
-                self._queued_rows += len(chunk)
-            job = _Job(self._pool.submit(self._infer, chunk, deadline), deadline)
-            for ref in chunk:
-                self._jobs[ref_request_id(ref)] = job
+                self._queued_rows += len(refs)
+            job = _Job(self._pool.submit(self._infer, refs, deadline), deadline)
+            for ref in refs:
+                request_id = ref_request_id(ref)
+                self._jobs[request_id] = job
+                self._buffered.discard(request_id)
 
     def attach(self, examples: Sequence[JoinedExample]) -> list[JoinedExample]:
         """All examples, each with its supervision, waiting for each inference at most to its deadline."""
@@ -146,6 +163,8 @@ class Supervisor:
         Ready: with supervision (its inference finished), or without (no inference was asked, it
         failed, no snapshot, or its deadline passed). Waiting: its inference runs, within budget.
         """
+        if any(example.request_id in self._buffered for example in examples):
+            self.dispatch(force=True)  # a closed example's impression is still buffered: send it now
         now = self.clock()
         outcomes: dict[int, dict[str, Supervision] | str | None] = {}  # per job; None = still running
         ready, waiting = [], []
@@ -191,8 +210,11 @@ class Supervisor:
 
     def forget(self, request_ids: Sequence[str]) -> None:
         """Stop waiting for requests whose examples will not be emitted by this worker."""
-        for request_id in request_ids:
+        forgotten = set(request_ids)
+        for request_id in forgotten:
             self._jobs.pop(request_id, None)
+        self._buffer = [(ref, at) for ref, at in self._buffer if ref_request_id(ref) not in forgotten]
+        self._buffered -= forgotten
 
     def close(self) -> None:
         """Stop the inference thread without waiting for a running FM call."""
@@ -208,13 +230,13 @@ class Supervisor:
         return job.future.result() or "unsupervised_no_snapshot"  # a dict, a counter name, or None
 
     def has_capacity(self) -> bool:
-        """Whether fewer than ``max_queued_rows`` impressions wait for or are in inference.
+        """Whether fewer than ``max_queued_rows`` impressions wait for (buffered or sent) or are in inference.
 
         The worker reads no new log entries while this is False (flow control: a replay as fast
         as possible then runs at the FM's speed instead of outrunning it); what it has read
         still closes and is emitted on time.
         """
-        return self._queued_rows < self.max_queued_rows
+        return self._queued_rows + len(self._buffer) < self.max_queued_rows
 
     def _infer(self, impressions: list[ImpressionRef], deadline: float) -> dict[str, Supervision] | str | None:
         try:

@@ -219,6 +219,7 @@ class Worker:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                self.supervisor.dispatch()  # feed an idle FM with what is buffered
                 held = [e for state in self.partitions.values() for e in state.held]
                 if self.step():
                     idle_since = time.monotonic()

@@ -484,3 +484,14 @@ def test_a_days_statistics_do_not_depend_on_later_days(tmp_path: Path) -> None:
     assert read_day(tmp_path / "a", 2).equals(read_day(tmp_path / "b", 2))
     summary = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert summary["domains"] == ["a", "b", "c"]
+
+
+def test_sequence_list_columns_drop_null_and_empty_items():
+    import pyarrow as pa
+
+    from exfm.data.hashing import stable_hash
+    from exfm.data.ingest import _to_sequence
+
+    lists = pa.array([["a", None, "b"], [None], [], ["c", ""]], pa.list_(pa.string()))
+    expected = [stable_hash(["a", "b"]).tolist(), [], [], stable_hash(["c"]).tolist()]
+    assert _to_sequence(lists, "|", 5).to_pylist() == expected

@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 from exfm.data.dataset import DatasetError
+from exfm.data.sources import SOURCES
 from exfm.schema import SchemaError
 from exfm.train.config import ConfigError
 
@@ -50,16 +51,31 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from exfm.data.ingest import ingest
+    from exfm.data.sources import adapt
     from exfm.schema import load_schema
 
-    manifest = ingest(
-        load_schema(args.schema),
-        args.input,
-        args.out,
-        on_bad_row=args.on_bad_row,
-        overwrite=args.overwrite,
-        memory_limit_mb=args.memory_mb,
-    )
+    if args.source is not None:
+        if args.schema or args.input or not args.raw:
+            raise SystemExit("exfm ingest --source NAME takes --raw DIR (and no --schema / --input)")
+        manifest = adapt(
+            args.source,
+            args.raw,
+            args.out,
+            overwrite=args.overwrite,
+            memory_limit_mb=args.memory_mb,
+            on_bad_row=args.on_bad_row or "skip",
+        )
+    else:
+        if not args.schema or not args.input:
+            raise SystemExit("exfm ingest needs --schema and --input (or --source NAME --raw DIR)")
+        manifest = ingest(
+            load_schema(args.schema),
+            args.input,
+            args.out,
+            on_bad_row=args.on_bad_row or "error",
+            overwrite=args.overwrite,
+            memory_limit_mb=args.memory_mb,
+        )
     print(
         f"wrote {manifest.rows:,} rows over {len(manifest.days)} days to {args.out} "
         f"(rejected {manifest.rejected_rows:,}, out of range {manifest.dropped_out_of_range:,})"
@@ -213,15 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         "stable hash, split by time into days and write Parquet partitions sorted by time plus a manifest. "
         "Memory stays bounded at any input size; the output appears only when complete.",
     )
-    p.add_argument("--schema", required=True, help="schema YAML (see docs/schema.md)")
-    p.add_argument("--input", required=True, nargs="+", help="input file(s) or glob(s), e.g. 'raw/*.csv'")
+    p.add_argument("--schema", help="schema YAML (see docs/schema.md)")
+    p.add_argument("--input", nargs="+", help="input file(s) or glob(s), e.g. 'raw/*.csv'")
+    p.add_argument(
+        "--source",
+        choices=sorted(SOURCES),
+        help="a public dataset's original raw files instead of --schema/--input (docs/datasets.md)",
+    )
+    p.add_argument("--raw", help="with --source: the folder holding the dataset's raw files")
     p.add_argument("--out", required=True, help="output dataset directory")
     p.add_argument(
         "--on-bad-row",
         choices=["error", "skip"],
-        default="error",
-        help="error (default): stop at the first bad row, naming file, line and column; "
-        "skip: count bad rows and write them to OUT/rejects.csv",
+        help="error (default with --schema): stop at the first bad row, naming file, line and column; "
+        "skip (default with --source): count bad rows and write them to OUT/rejects.csv",
     )
     p.add_argument("--memory-mb", type=int, default=1024, help="memory budget of the out-of-core sort (MB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

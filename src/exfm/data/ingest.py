@@ -576,7 +576,7 @@ def _to_sequence(array: pa.Array, separator: str, max_len: int) -> pa.Array:
     parents = pc.list_parent_indices(lists).to_numpy()
     keep = items.is_valid()
     if _is_text(items):
-        keep = pc.and_(keep, pc.greater(pc.utf8_length(items), 0))
+        keep = pc.and_kleene(keep, pc.fill_null(pc.greater(pc.utf8_length(items), 0), False))  # null items: dropped
     keep = keep.to_numpy(zero_copy_only=False)
     items, parents = items.filter(pa.array(keep)), parents[keep]
     counts = np.bincount(parents, minlength=len(array))

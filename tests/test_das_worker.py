@@ -125,6 +125,7 @@ def test_replay_through_two_workers_equals_the_dataset_plus_fm_predictions(tmp_p
         np.testing.assert_allclose(joined[f"fm:{task}"].to_numpy(), torch.sigmoid(logits[task]).numpy(), rtol=1e-5)
     # one inference per stored example, shared by every VM that reads the store
     assert sum(w.supervisor.counters["fm_rows"] for w in workers) == 1200
+    assert [w.status()["snapshot"] for w in workers] == [info.snapshot_id] * 2  # reported once stopped too
     assert sum(w.counters["committed"] for w in workers) == 1200
     assert all(w.counters["committed"] > 0 for w in workers)  # the partitions were shared
 

@@ -44,6 +44,7 @@ from exfm.das.events import Event, EventLog, ImpressionBatch, SQLiteEventLog, Wa
 from exfm.das.joiner import JoinedExample, Joiner, JoinerConfig
 from exfm.das.loader import SnapshotLoader, Updater
 from exfm.das.queue import Claim, SQLiteWorkQueue, WorkQueue, fair_share
+from exfm.das.snapshots import SnapshotInfo
 from exfm.das.store import Fence, SharedStore, StaleClaimError
 from exfm.das.supervisor import SnapshotFM, Supervisor
 from exfm.das.zeus import MetadataStore, SQLiteZeus
@@ -208,6 +209,7 @@ class Worker:
             self.updater = Updater(
                 zeus, config.spd, config.fm, self.worker_id, lease_s=config.lease_s, poll_s=config.renew_s
             )
+        self.snapshot: SnapshotInfo | None = None  # the snapshot in use (the last one, once stopped)
         self.supervisor = Supervisor(self._current_fm, config.fm_latency_budget_s, config.fm_batch)
         self._next_maintenance = 0.0
         self._started = time.monotonic()
@@ -254,6 +256,8 @@ class Worker:
         if self.updater is not None:  # first, so that a new worker supervises from its first example
             self.updater.step()
             self.loader.refresh()
+            loaded = self.loader.current()
+            self.snapshot = loaded.info if loaded is not None else self.snapshot
         queue.heartbeat(self.worker_id, config.lease_s)
         for number, state in list(self.partitions.items()):
             renewed = queue.renew(state.claim, config.lease_s)
@@ -350,7 +354,6 @@ class Worker:
         joined = Counter(self.join_counters)
         for state in self.partitions.values():
             joined.update(state.joiner.counters)
-        loaded = self.loader.current() if self.loader is not None else None
         supervision = self.supervisor.counters
         elapsed = max(time.monotonic() - self._started, 1e-9)
         return {
@@ -368,8 +371,10 @@ class Worker:
             "supervision": dict(supervision),
             "supervision_coverage": supervision["supervised"] / max(supervision["emitted"], 1),
             "fm_rows_per_emitted": supervision["fm_rows"] / max(supervision["emitted"], 1),
-            "snapshot": None if loaded is None else loaded.info.snapshot_id,
-            "snapshot_staleness_s": None if loaded is None else time.time() - loaded.info.train_through_us / US_PER_S,
+            "snapshot": None if self.snapshot is None else self.snapshot.snapshot_id,
+            "snapshot_staleness_s": None
+            if self.snapshot is None
+            else time.time() - self.snapshot.train_through_us / US_PER_S,
         }
 
     def _report(self) -> None:

@@ -28,7 +28,7 @@ import glob
 import gzip
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,7 +72,7 @@ _UNIT_TEXT = {
 }
 _LABEL_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1}
 _ZONE_SUFFIX = r"[T ].*(?:[zZ]|[+-]\d\d:?\d\d)$"
-_REJECTS_SCHEMA = pa.schema(
+REJECTS_SCHEMA = pa.schema(
     [
         ("file", pa.string()),
         ("line", pa.int64()),
@@ -139,7 +139,10 @@ def ingest(
             if time_range is None:
                 raise IngestError("no row with a valid time in the input(s): cannot place the days")
             boundaries = day_boundaries(schema.split, *time_range)
-        with _DaySpill(schema, work / "spill", len(boundaries) - 1) as spill, _RejectLog(staging) as rejects:
+        with (
+            _DaySpill(schema, work / "spill", len(boundaries) - 1) as spill,
+            RejectLog(staging / REJECTS_NAME) as rejects,
+        ):
             dropped = _split_into_days(schema, sources, boundaries, spill, rejects, on_bad_row, budget, show_progress)
         days = _sort_and_write_days(schema, spill, boundaries, staging, work, budget, show_progress)
         shutil.rmtree(work)
@@ -649,9 +652,14 @@ class _Reject:
     raw: str
 
     def message(self, source: _Source) -> str:
-        if not self.column:
-            return f"{source.where(self.line)}: {self.reason}: {self.raw[:200]!r}"
-        return f"{source.where(self.line)}: column {self.column!r}: {self.reason}"
+        return bad_row_message(source.where(self.line), self.column, self.reason, self.raw)
+
+
+def bad_row_message(where: str, column: str, reason: str, raw: str) -> str:
+    """The error of one bad row: ``file:line: column 'c': reason``, or with its raw text if no column."""
+    if not column:
+        return f"{where}: {reason}: {raw[:200]!r}"
+    return f"{where}: column {column!r}: {reason}"
 
 
 def _value_rejects(
@@ -686,39 +694,39 @@ def _raw_text(value: object) -> str:
     return "" if value is None else str(value)
 
 
-class _RejectLog:
-    """``rejects.csv`` of the skipped rows (created at the first one)."""
+class RejectLog:
+    """``rejects.csv`` (:data:`REJECTS_SCHEMA`: ``file, line, column, reason, raw``), created at the
+    first rejected row; shared by ingest and the dataset adapters."""
 
-    def __init__(self, directory: Path) -> None:
-        self.path = directory / REJECTS_NAME
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.count = 0
         self._writer: pv.CSVWriter | None = None
 
-    def __enter__(self) -> _RejectLog:
+    def __enter__(self) -> RejectLog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def write(self, rows: Sequence[tuple[str, int, str, str, str]]) -> None:
+        """Append rows ``(file, line, column, reason, raw)``."""
+        if rows:
+            self.write_table(pa.table(list(zip(*rows, strict=True)), schema=REJECTS_SCHEMA))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append a table of :data:`REJECTS_SCHEMA`."""
+        if not table.num_rows:
+            return
+        if self._writer is None:
+            self._writer = pv.CSVWriter(self.path, REJECTS_SCHEMA)
+        self._writer.write_table(table)
+        self.count += table.num_rows
+
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-    def write(self, source: _Source, rejects: list[_Reject]) -> None:
-        if not rejects:
-            return
-        rejects = sorted(rejects, key=lambda r: r.line)
-        if self._writer is None:
-            self._writer = pv.CSVWriter(self.path, _REJECTS_SCHEMA)
-        table = pa.table(
-            {
-                "file": [source.name] * len(rejects),
-                "line": [r.line for r in rejects],
-                "column": [r.column for r in rejects],
-                "reason": [r.reason for r in rejects],
-                "raw": [r.raw for r in rejects],
-            },
-            schema=_REJECTS_SCHEMA,
-        )
-        self._writer.write_table(table)
-        self.count += len(rejects)
+            self._writer = None
 
 
 # --- per-day spill and statistics --------------------------------------------------------------
@@ -855,7 +863,7 @@ def _split_into_days(
     sources: list[_Source],
     boundaries: np.ndarray,
     spill: _DaySpill,
-    rejects: _RejectLog,
+    rejects: RejectLog,
     on_bad_row: str,
     budget: _Budget,
     show_progress: bool,
@@ -894,7 +902,9 @@ def _split_into_days(
                     out_of_range.append(_Reject(int(lines[row]), schema.time.column, reason, time_text))
                 if strict:
                     _raise_first(source, found + out_of_range)
-                rejects.write(source, found)
+                rejects.write(
+                    [(source.name, r.line, r.column, r.reason, r.raw) for r in sorted(found, key=lambda r: r.line)]
+                )
                 _raise_first(source, out_of_range)
                 dropped += int(outside.sum())
                 spill.add(converted.arrays, keep & ~outside, days)

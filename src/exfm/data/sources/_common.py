@@ -33,21 +33,12 @@ import pyarrow as pa
 import pyarrow.csv as pv
 
 from exfm.data.dataset import Manifest, atomic_write_text, write_manifest
-from exfm.data.ingest import REJECTS_NAME, IngestError, ingest
+from exfm.data.ingest import REJECTS_NAME, REJECTS_SCHEMA, IngestError, RejectLog, bad_row_message, ingest
 from exfm.schema import Schema
 
 SOURCE_INFO_NAME = "source.json"
 """The adapter's counts and decisions, written next to ``manifest.json``."""
 
-REJECTS_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("column", pa.string()),
-        ("reason", pa.string()),
-        ("raw", pa.string()),
-    ]
-)
 _FIELD_COUNT_ERRORS = ("TOO MANY COLUMNS", "MISSING COLUMNS")
 
 
@@ -177,11 +168,13 @@ class RawRejects:
     def __init__(self, directory: Path, on_bad_row: Literal["error", "skip"]) -> None:
         if on_bad_row not in ("error", "skip"):
             raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
-        self.path = directory / REJECTS_NAME
         self.on_bad_row = on_bad_row
-        self.count = 0
         self.per_file: dict[str, int] = {}
-        self._writer: pv.CSVWriter | None = None
+        self._log = RejectLog(directory / REJECTS_NAME)
+
+    @property
+    def count(self) -> int:
+        return self._log.count
 
     def add(self, file: Path, rows: list[tuple[int, str, str, str]]) -> None:
         """Record rejected lines ``(line, column, reason, raw)`` of one file (raises in error mode)."""
@@ -190,31 +183,13 @@ class RawRejects:
         rows = sorted(rows, key=lambda r: r[0])
         if self.on_bad_row == "error":
             line, column, reason, raw = rows[0]
-            where = f"{file}:{line}"
-            raise IngestError(
-                f"{where}: column {column!r}: {reason}" if column else f"{where}: {reason}: {raw[:200]!r}"
-            )
-        table = pa.table(
-            {
-                "file": [str(file)] * len(rows),
-                "line": [r[0] for r in rows],
-                "column": [r[1] for r in rows],
-                "reason": [r[2] for r in rows],
-                "raw": [r[3] for r in rows],
-            },
-            schema=REJECTS_SCHEMA,
-        )
-        self.write(table)
+            raise IngestError(bad_row_message(f"{file}:{line}", column, reason, raw))
+        self._log.write([(str(file), *row) for row in rows])
         self.per_file[str(file)] = self.per_file.get(str(file), 0) + len(rows)
 
     def write(self, table: pa.Table) -> None:
-        """Append rows of :data:`REJECTS_SCHEMA` (already checked) to ``rejects.csv``."""
-        if not table.num_rows:
-            return
-        if self._writer is None:
-            self._writer = pv.CSVWriter(self.path, REJECTS_SCHEMA)
-        self._writer.write_table(table)
-        self.count += table.num_rows
+        """Append rows of :data:`~exfm.data.ingest.REJECTS_SCHEMA` (already checked) to ``rejects.csv``."""
+        self._log.write_table(table)
 
     def collect(self, con: duckdb.DuckDBPyConnection, source: CsvSource, columns: list[Column]) -> int:
         """Record DuckDB's rejected lines of one file (after a query that read it); returns their number.
@@ -248,9 +223,7 @@ class RawRejects:
         return total
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self._log.close()
 
 
 # --- sequences ---------------------------------------------------------------------------------

@@ -48,20 +48,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from exfm.data.dataset import Manifest, atomic_output_dir, write_manifest
-from exfm.data.ingest import MIN_MEMORY_MB, REJECTS_NAME, IngestError, ingest
+from exfm.data.ingest import MIN_MEMORY_MB, REJECTS_NAME, IngestError, RejectLog, bad_row_message, ingest
 from exfm.schema import Schema
 
 _MB = 2**20
 _FLOAT32_MAX = 3.4028234663852886e38
-_REJECTS_SCHEMA = pa.schema(
-    [
-        ("file", pa.string()),
-        ("line", pa.int64()),
-        ("column", pa.string()),
-        ("reason", pa.string()),
-        ("raw", pa.string()),
-    ]
-)
 _ZONE_SUFFIX = r"[T ].*([zZ]|[+-][0-9][0-9]:?[0-9][0-9])$"
 FILE_COLUMN = "_file"
 _MALFORMED_SCHEMA = pa.schema(
@@ -223,40 +214,7 @@ class BadRow:
     raw: str
 
     def message(self) -> str:
-        if not self.column:
-            return f"{self.file}:{self.line}: {self.reason}: {self.raw[:200]!r}"
-        return f"{self.file}:{self.line}: column {self.column!r}: {self.reason}"
-
-
-class RejectLog:
-    """``rejects.csv`` (``file, line, column, reason, raw``), created at the first bad row."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.count = 0
-        self._writer: pv.CSVWriter | None = None
-
-    def __enter__(self) -> RejectLog:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-    def write(self, rows: list[BadRow]) -> None:
-        if not rows:
-            return
-        if self._writer is None:
-            self._writer = pv.CSVWriter(self.path, _REJECTS_SCHEMA)
-        columns = {
-            "file": [r.file for r in rows],
-            "line": [r.line for r in rows],
-            "column": [r.column for r in rows],
-            "reason": [r.reason for r in rows],
-            "raw": [r.raw for r in rows],
-        }
-        self._writer.write_table(pa.table(columns, schema=_REJECTS_SCHEMA))
-        self.count += len(rows)
+        return bad_row_message(f"{self.file}:{self.line}", self.column, self.reason, self.raw)
 
 
 # --- step 1: staging ---------------------------------------------------------------------------
@@ -428,7 +386,8 @@ def _validate(
         )
         ordered = f"{query} UNION ALL {malformed} ORDER BY 1, 2"
         for batch in con.sql(ordered).to_arrow_reader(batch_size=65_536):
-            rejects.write(bad_rows(list(zip(*(batch.column(i).to_pylist() for i in range(5)), strict=True))))
+            rows = bad_rows(list(zip(*(batch.column(i).to_pylist() for i in range(5)), strict=True)))
+            rejects.write([(b.file, b.line, b.column, b.reason, b.raw) for b in rows])
     constants = list(dict.fromkeys(k for f in table.files for k in f.constants))
     selected = [FILE_COLUMN, LINE_COLUMN, *(c.value_sql() for c in checks), *(quote(k) for k in constants)]
     target = work / f"valid-{table.name}.parquet"

@@ -25,13 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from exfm.data.dataset import TIME_COLUMN, Dataset, atomic_write_bytes, atomic_write_text
+from exfm.data.dataset import atomic_write_bytes, atomic_write_text, trained_through_us
 from exfm.models.base import RecModel
 from exfm.models.registry import build_model
 from exfm.schema import parse_schema
@@ -165,31 +163,11 @@ def publish_snapshot(spd_dir: str | Path, run_dir: str | Path, checkpoint: str =
         config=saved.config.model_dump(mode="json"),
         schema=saved.dataset.schema.model_dump(mode="json"),
         tasks=saved.tasks,
-        train_through_us=train_through_us(dataset, day, batch * saved.config.batch_size),
+        train_through_us=trained_through_us(dataset, day, batch * saved.config.batch_size),
         numeric_moments=numeric_moments(dataset, (day, batch), saved.config.batch_size),
         domains=dataset.manifest.domains,
         source={"run_dir": str(Path(run_dir).resolve()), "checkpoint": checkpoint, "position": [day, batch]},
     )
-
-
-def train_through_us(dataset: Dataset, day: int, rows: int) -> int:
-    """The largest event time (µs) of the first ``rows`` rows of ``day`` (the reader's row order).
-
-    With no row of ``day`` trained yet, the start of ``day`` minus one µs.
-    """
-    info = dataset.day(day)
-    rows = min(rows, info.rows)
-    if rows == 0:
-        return info.start_us - 1
-    latest, remaining = info.start_us - 1, rows
-    for path in dataset.day_files(day):
-        column = pq.read_table(path, columns=[TIME_COLUMN]).column(TIME_COLUMN).slice(0, remaining)
-        if len(column):
-            latest = max(latest, int(pc.max(column).as_py()))
-        remaining -= len(column)
-        if remaining == 0:
-            break
-    return latest
 
 
 def _info(path: Path, manifest: dict[str, Any]) -> SnapshotInfo:

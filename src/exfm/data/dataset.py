@@ -308,3 +308,22 @@ def open_dataset(root: str | Path) -> Dataset:
     if schema.fingerprint() != manifest.schema_fingerprint:
         raise DatasetError(f"{root}: schema.yaml does not match the manifest's schema fingerprint")
     return Dataset(root=root, schema=schema, manifest=manifest)
+
+
+def trained_through_us(dataset: Dataset, day: int, rows: int) -> int:
+    """The latest event time (µs) among the first ``rows`` rows of ``day`` in the reader's order:
+    the train-through time of a model at that stream position (the day's start minus 1 µs if
+    ``rows`` is 0). The maximum, not the last row's time: a DAS store's files are in commit order."""
+    info = dataset.day(day)
+    rows = min(rows, info.rows)
+    if rows == 0:
+        return info.start_us - 1
+    latest, remaining = info.start_us - 1, rows
+    for path in dataset.day_files(day):
+        column = pq.read_table(path, columns=[TIME_COLUMN]).column(TIME_COLUMN).slice(0, remaining)
+        if len(column):
+            latest = max(latest, int(pc.max(column).as_py()))
+        remaining -= len(column)
+        if remaining == 0:
+            break
+    return latest

@@ -52,6 +52,7 @@ from exfm.data.dataset import (
     atomic_output_dir,
     build_manifest,
     open_dataset,
+    trained_through_us,
     write_day,
     write_manifest,
 )
@@ -159,7 +160,7 @@ class RunTeacher:
         self.snapshot_id = f"{saved.run.root.resolve().name}/{checkpoint}@{digest[:12]}"
         day, batch = saved.state["position"]
         rows = batch * saved.config.batch_size
-        self.trained_through_us: int | None = _last_trained_time(saved.dataset, day, rows)
+        self.trained_through_us: int | None = trained_through_us(saved.dataset, day, rows)
         self._columns: list[int | None] = []
 
     def bind(self, dataset: Dataset) -> None:
@@ -178,18 +179,6 @@ class RunTeacher:
         probs = torch.sigmoid(torch.stack([logits[t] for t in self.tasks], dim=1)).float().cpu()
         nan = torch.full((batch.size,), math.nan)
         return torch.stack([nan if c is None else probs[:, c] for c in self._columns], dim=1)
-
-
-def _last_trained_time(dataset: Dataset, day: int, rows: int) -> int:
-    """``_time`` of row ``rows - 1`` of ``day`` (the last one trained); the day's start if ``rows == 0``."""
-    info = dataset.day(day)
-    rows = min(rows, info.rows)
-    if rows == 0:
-        return info.start_us
-    times = np.concatenate(
-        [pq.read_table(path, columns=[TIME_COLUMN])[TIME_COLUMN].to_numpy() for path in dataset.day_files(day)]
-    )
-    return int(times[rows - 1])
 
 
 class OracleTeacher:

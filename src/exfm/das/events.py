@@ -125,9 +125,17 @@ class ImpressionBatch:
 
     def impression(self, row: int) -> Impression:
         """Row ``row`` as a single :class:`Impression` (slow; for inspection and tests)."""
-        record = self.table.slice(row, 1).to_pylist()[0]
-        request_id, time_us = record.pop(REQUEST_ID_COLUMN), record.pop(TIME_COLUMN)
-        return Impression(request_id, time_us, record, record.pop(DOMAIN_COLUMN, None))
+        return _impression(self.table.slice(row, 1).to_pylist()[0])
+
+    def impressions(self) -> list[Impression]:
+        """Every row as a single :class:`Impression`, in order (slow; for tests and small replays)."""
+        return [_impression(record) for record in self.table.to_pylist()]
+
+
+def _impression(record: dict[str, Any]) -> Impression:
+    """A batch row (``_request_id``, ``_time``, ``_domain``, features) as an :class:`Impression`."""
+    request_id, time_us = record.pop(REQUEST_ID_COLUMN), record.pop(TIME_COLUMN)
+    return Impression(request_id, time_us, record, record.pop(DOMAIN_COLUMN, None))
 
 
 Event = Impression | ImpressionBatch | Label | Watermark
@@ -345,8 +353,8 @@ def replay_dataset(
     """Turn the rows of an exfm dataset back into the events that would have produced them.
 
     Each row becomes an impression with request id ``f"{day}:{row}"`` (row = index within the
-    day), its time, domain and every non-label column as features, labelled for all the schema's
-    tasks; each positive task becomes a label at ``time + label_delay_us``. Joining these events
+    day), its time, domain and every non-label column as features, labelled for every task the
+    joiner has a window for; each positive task becomes a label at ``time + label_delay_us``. Joining these events
     with windows of at least ``label_delay_us`` gives back the dataset's rows.
 
     Args:
@@ -355,22 +363,15 @@ def replay_dataset(
         label_delay_us: how long after its impression each positive label happens.
 
     Yields:
-        ``(impression, positive labels)`` per row, in the dataset's order.
+        ``(impression, positive labels)`` per row, in the dataset's order (the rows of
+        :func:`replay_batches`, one by one).
     """
-    dataset = open_dataset(dataset_dir)
-    tasks = dataset.schema.tasks
-    for day in days:
-        row = 0
-        for path in dataset.day_files(day):
-            for record in pq.read_table(path).to_pylist():
-                time_us = record.pop(TIME_COLUMN)
-                domain = record.pop(DOMAIN_COLUMN, None)
-                values = {task: record.pop(task) for task in tasks}
-                request_id = f"{day}:{row}"
-                impression = Impression(request_id, time_us, record, domain, tuple(tasks))
-                labels = [Label(request_id, task, 1, time_us + label_delay_us) for task in tasks if values[task]]
-                yield impression, labels
-                row += 1
+    for batch, labels in replay_batches(dataset_dir, days, label_delay_us):
+        by_request: dict[str, list[Label]] = {}
+        for label in labels:
+            by_request.setdefault(label.request_id, []).append(label)
+        for impression in batch.impressions():
+            yield impression, by_request.get(impression.request_id, [])
 
 
 def replay_batches(

@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
         ["das", "publish"],
         ["models"],
         ["demo"],
+        ["reproduce"],
+        ["report"],
     ],
 )
 def test_every_command_has_help(command, capsys):
@@ -114,13 +116,22 @@ def test_user_errors_exit_2_with_a_clear_message(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
 
 
-def test_demo_runs_small(tmp_path, capsys):
+def test_demo_runs_the_whole_story_small_and_reuses_its_cache(tmp_path, capsys, monkeypatch):
     from exfm.demo import run_demo
+    from exfm.experiments import reproduce
 
-    results = run_demo(tmp_path / "demo", rows=40_000)
+    results = run_demo(tmp_path / "demo", rows=24_000, vms=["fm"])
     out = capsys.readouterr().out
-    assert "Next-day metrics" in out and "teacher DCNv2 (FM)" in out and "true probabilities" in out
-    summary = json.loads((tmp_path / "demo" / "demo_results.json").read_text())
-    assert set(summary) == set(results)
-    assert summary["student FM (VM)"]["click"]["n"] == results["student FM (VM)"]["click"]["all"].n > 0
-    assert 0.0 < summary["true probabilities"]["click"]["ne"] < 1.0
+    assert "teacher" in out and "ah_sa" in out and "NE gain %" in out and "verdicts" in out
+    report = tmp_path / "demo" / "run" / "report"
+    assert (report / "report.html").stat().st_size > 0 and list(report.glob("*.png"))
+    studies = {row["study"] for row in results["rows"]}
+    assert studies == {"main", "freshness", "staleness"}
+    assert {row["method"] for row in results["rows"] if row["study"] == "main"} == {"none", "kd", "ah", "ah_sa"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the second demo trained again")
+
+    monkeypatch.setattr(reproduce, "train", no_training)
+    assert run_demo(tmp_path / "demo", rows=24_000, vms=["fm"])["rows"] == results["rows"]
+    assert "reusing the synthetic stream" in capsys.readouterr().out

@@ -11,6 +11,8 @@
     exfm export runs/vm --out serving/vm                                   # the served model
     exfm experiment theory --quick                                        # Theorems 3.1 and 3.2
     exfm models                                                            # the zoo: params, FLOPs
+    exfm reproduce --data D --fm dcnv2,dcn --vm fm,deepfm --out runs/repro  # the paper's protocol
+    exfm report runs/repro                                                 # tables + plots of a run
     exfm demo                                                              # the whole story, small
 
 Every command prints a clear error (file, row, field) and exits with status 2 on bad input
@@ -199,6 +201,40 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.out), rows=args.rows, seed=args.seed, device=args.device)
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from exfm.experiments.report import main_table_text
+    from exfm.experiments.reproduce import Reproduction, parse_reproduce_config
+
+    def items(text: str) -> list[str]:
+        return [item.strip() for item in text.split(",") if item.strip()]
+
+    config = parse_reproduce_config(
+        {
+            "data": args.data,
+            "dataset": args.dataset_name,
+            "fms": items(args.fm),
+            "vms": items(args.vm),
+            "methods": items(args.methods),
+            "seeds": items(args.seeds),
+            "studies": items(args.studies),
+            "fm_days": args.fm_days,
+            "multitask_fm": args.multitask_fm,
+            "sweep": {"gs": items(args.sweep_gs), "ls": items(args.sweep_ls), "lw": items(args.sweep_lw)},
+            "device": args.device,
+        }
+    )
+    results = Reproduction(config, args.out).run()
+    print(main_table_text(results))
+    print(f"\nresults: {args.out / 'results.json'}; the report: exfm report {args.out}")
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from exfm.experiments.report import write_report
+
+    report = write_report(args.run, args.out)
+    print(f"wrote {report.markdown} and {report.html} with {len(report.plots)} plots")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="exfm",
@@ -376,6 +412,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_das_replay)
 
     p = sub.add_parser(
+        "reproduce",
+        help="run the paper's rolling protocol (FM days 1-4, then FM supervision via DAS, VM on day t, eval t+1)",
+        description="DESIGN.md section 2 on a dataset: one FM run per teacher (a checkpoint at every day end); for "
+        "each day t > F its day-(t-1) snapshot supervises day t through an embedded DAS deployment; each student x "
+        "method x seed trains on the supervised days and is evaluated on the next day. Everything is cached under "
+        "--out and an interrupted run resumes where it stopped. Writes OUT/results.json (see docs/reproduce.md).",
+    )
+    p.add_argument("--data", required=True, type=Path, help="an exfm dataset with days 1..N (N >= F + 2)")
+    p.add_argument("--out", required=True, type=Path, help="the run directory (reused: finished parts are skipped)")
+    p.add_argument("--fm", default="dcnv2", help="teachers, comma-separated (zoo names; default dcnv2)")
+    p.add_argument("--vm", default="fm", help="students, comma-separated (default fm)")
+    p.add_argument("--methods", default="none,kd,ah,ah_sa", help="of none,kd,ah,ah_sa (default: all four)")
+    p.add_argument("--seeds", default="0", help="VM seeds, comma-separated (default 0)")
+    p.add_argument(
+        "--studies",
+        default="main,freshness,staleness",
+        help="comma-separated, of main,multi_domain,multi_task,freshness,staleness,sweep "
+        "(default main,freshness,staleness)",
+    )
+    p.add_argument("--fm-days", type=int, default=4, help="F: days the FM trains before any VM (default 4)")
+    p.add_argument("--dataset-name", default="", help="the name in the result rows (default: the data dir's name)")
+    p.add_argument("--multitask-fm", default="multitask(dcnv2)", help="the teacher of the multi_task study")
+    for name, default in (("gs", "0.5,1,2"), ("ls", "1,2"), ("lw", "1")):
+        p.add_argument(f"--sweep-{name}", default=default, help=f"{name.upper()} values of the sweep ({default})")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser(
+        "report",
+        help="tables and plots of a reproduction run: RUN/report/report.md, report.html and PNGs",
+        description="Read RUN/results.json (written by `exfm reproduce`) and write the paper's tables (mean ± std "
+        "over seeds, NE gain % vs none, a verdict on the order none < kd < ah < ah_sa) and plots (progressive NE, "
+        "AUC per day, freshness, staleness, sweep) as report.md with PNGs and a self-contained report.html "
+        "(see docs/reproduce.md).",
+    )
+    p.add_argument("run", type=Path, help="the run directory holding results.json")
+    p.add_argument("--out", type=Path, help="the report directory (default RUN/report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser(
         "models",
         help="list the model zoo with parameter counts and per-example compute",
         description="Build every model of the zoo (teachers: DCN, DCNv2, DMIN, multi-task; students: FM, FmFM, "
@@ -389,9 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="synthesise data, train a teacher (FM) and a student (VM), print next-day metrics",
-        description="The embedded end-to-end job: synthetic stream -> DCNv2 foundation model (teacher) and "
-        "FM vertical model (student) trained one pass on days 1-4 -> next-day metrics on day 5.",
+        help="the whole ExFM story on synthetic data: FM -> DAS -> VMs with each method -> table and report",
+        description="The embedded end-to-end job: synthesise the stream, train the DCNv2 foundation model, log "
+        "its daily snapshots' predictions through DAS, train the FM and DeepFM vertical models with none / KD / "
+        "AH / AH+SA on days 5-7, evaluate each next day, print the Table-2-style result and write the report "
+        "(OUT/run/report/report.html). Cached: a second call reuses what is done.",
     )
     p.add_argument("--out", default="demo_out", help="working directory (default demo_out)")
     p.add_argument("--rows", type=int, default=1_000_000, help="synthetic rows over 8 days (default 1,000,000)")

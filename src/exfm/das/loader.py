@@ -92,6 +92,10 @@ class Updater:
         while not stop.is_set():
             self.step()
             stop.wait(self.poll_s)
+        self.release()
+
+    def release(self) -> None:
+        """Give the lease up (if held), so another task's updater takes over at once, not after ``lease_s``."""
         self.zeus.release_lease(self.fm, self.owner)
 
 

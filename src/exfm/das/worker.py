@@ -285,12 +285,13 @@ class Worker:
         self._report()
 
     def close(self) -> None:
-        """Release claims and pins, leave the membership, stop the FM thread."""
+        """Release claims, pins and the updater's lease, leave the membership, stop the FM thread."""
         for number, state in list(self.partitions.items()):
             self.backends.queue.release(state.claim)
             self._drop(number, "released")
         self.backends.queue.leave(self.worker_id)
         if self.loader is not None:
+            self.updater.release()
             self.loader.close()
         self.supervisor.close()
         self.store.flush()

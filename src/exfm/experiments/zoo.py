@@ -48,7 +48,7 @@ class ZooEntry:
 
 
 def synthetic_zoo(schema: Schema, embedding_dim: int = 16) -> dict[str, ZooEntry]:
-    """Preset configs of every model for the synthetic schema (or any schema with its feature names)."""
+    """Preset configs of every model for a schema (the two-tower only if it has the synthetic user-side names)."""
     student = [f.name for f in schema.features if f.name not in TEACHER_ONLY_FEATURES]
     user = [name for name in student if name in USER_SIDE]
     item = [name for name in student if name not in USER_SIDE]
@@ -69,8 +69,9 @@ def synthetic_zoo(schema: Schema, embedding_dim: int = 16) -> dict[str, ZooEntry
         name: ZooEntry(parse_model_config({**spec, **dim, "features": student}, name), "student", lr)
         for name, (spec, lr) in students.items()
     }
-    two_tower = {"name": "two_tower", **dim, "user_features": user, "item_features": item}
-    zoo["two_tower"] = ZooEntry(parse_model_config(two_tower), "student", HEAD_ONLY_DENSE_LR / 10)
+    if user and item:  # a schema without the synthetic stream's user-side names has no two-tower preset
+        two_tower = {"name": "two_tower", **dim, "user_features": user, "item_features": item}
+        zoo["two_tower"] = ZooEntry(parse_model_config(two_tower), "student", HEAD_ONLY_DENSE_LR / 10)
     for name, spec in teachers.items():
         extra = {} if spec["name"] == "multitask" else dim
         zoo[name] = ZooEntry(parse_model_config({**spec, **extra}, name), "teacher")

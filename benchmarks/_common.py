@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,6 +47,43 @@ def write_result(benchmark: str, metrics: dict[str, dict], extra: dict | None = 
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
     return path
+
+
+_CHILD_WRAPPER = """
+import json, resource, sys
+code = sys.argv[1]
+sys.argv = [sys.argv[0], *sys.argv[2:]]
+exec(compile(code, "<benchmark child>", "exec"), {"__name__": "__main__"})
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    with open("/proc/self/status") as status:
+        peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    pass
+print(json.dumps({"peak_rss_kb": peak_kb}))
+"""
+
+
+def run_child(code: str, *args: str) -> dict:
+    """Run ``code`` with arguments ``args`` (``sys.argv[1:]``) in a fresh Python process, which
+    prints one JSON object as its last line of output, and measure it.
+
+    Returns:
+        That object plus ``wall_s`` (the whole child, interpreter start and imports included) and
+        ``peak_rss_mb``: the child's own peak resident memory, read at its end (``VmHWM`` of
+        ``/proc/self/status``). Not ``ru_maxrss``: on Linux a child's ``ru_maxrss`` includes the
+        peak of the parent it was forked from (the parent here generates the input files).
+    """
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _CHILD_WRAPPER, code, *args], capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"the child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    *_, report_line, peak_line = proc.stdout.strip().splitlines()
+    report = json.loads(report_line)
+    report["wall_s"] = wall
+    report["peak_rss_mb"] = json.loads(peak_line)["peak_rss_kb"] / 1024
+    return report
 
 
 def write_random_dataset(out: Path, rows: int, days: int = 4, categorical: int = 20, numeric: int = 0, seed: int = 0):

@@ -5,7 +5,7 @@ temporary directory (10 categoricals of very different cardinalities, 4 numerics
 values, a behaviour sequence, 2 labels, a domain, an unused column, unix-second times over 8 days
 that arrive slightly out of order; the calendar split has no ``start``, so the time-range scan
 runs too), then runs ``exfm.data.ingest.ingest`` in a child process and measures its time and peak
-resident memory (``ru_maxrss`` of the child)::
+resident memory (``VmHWM`` of the child)::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_ingest.py [--full] [--rows N]
 
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import metric, write_result
+from _common import metric, run_child, write_result
 
 START_S = 1_494_000_000  # 2017-05-05 16:00 UTC = 2017-05-06 00:00 Asia/Shanghai
 DAY_S = 86_400
@@ -120,26 +118,6 @@ def _chunk(rng: np.random.Generator, n: int, start: int, rows: int, cate_pool: n
     )
 
 
-def run_child(csv: Path, out: Path, memory_limit_mb: int) -> dict:
-    """Run ingest in a child process (the only one this process starts).
-
-    Returns:
-        ``seconds`` (the ingest call, imports excluded), ``wall_s`` (the whole child), ``rows``
-        written and ``peak_rss_mb`` (the child's ``ru_maxrss``).
-    """
-    start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, json.dumps(SCHEMA), str(csv), str(out), str(memory_limit_mb)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    report["wall_s"] = time.perf_counter() - start
-    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return report
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="5,000,000 rows instead of 500,000")
@@ -153,7 +131,8 @@ def main() -> None:
         generate(csv, rows)
         size_mb = csv.stat().st_size / 2**20
         print(f"generated {rows:,} rows ({size_mb:,.0f} MB) in {time.perf_counter() - t0:.1f} s")
-        report = run_child(csv, Path(tmp) / "dataset", args.memory_limit_mb)
+        # the ingest call's seconds (imports excluded), rows written, the child's peak memory
+        report = run_child(CHILD, json.dumps(SCHEMA), str(csv), str(Path(tmp) / "dataset"), str(args.memory_limit_mb))
     if report["rows"] != rows:
         raise SystemExit(f"ingest wrote {report['rows']:,} rows, expected {rows:,}")
     write_result(

@@ -445,6 +445,25 @@ def test_the_fm_trainer_publishes_a_snapshot_at_every_day_end(tmp_path: Path, fm
     assert Updater(zeus, tmp_path / "spd", "fm", "u").step() == snapshots[1].snapshot_id  # the newest
 
 
+def test_a_stopped_worker_hands_the_snapshot_lease_to_the_next_one_at_once(tmp_path: Path, fm_world):
+    data, _ = fm_world
+    config = write_config(tmp_path, fm="fm", lease_s=600.0)  # a lapse would take 10 minutes
+    publish = {"spd": str(config.spd), "fm": "fm"}
+    train(parse_train_config(train_config(data, train_days=[1, 2], eval_days=[], publish=publish), "t"), tmp_path / "r")
+    first, second = list_snapshots(config.spd, "fm")
+    second.path.rename(second.path.with_name(".held-back"))  # only day 1's snapshot is published yet
+    backends = open_backends(config)
+    worker = Worker(config, "day-2-worker", backends)
+    worker.maintain()
+    assert worker.snapshot.snapshot_id == first.snapshot_id
+    worker.close()
+    second.path.with_name(".held-back").rename(second.path)
+    successor = Worker(config, "day-3-worker", backends)
+    successor.maintain()  # takes the lease the first worker gave up, points the FM at the newer snapshot
+    assert successor.snapshot.snapshot_id == second.snapshot_id
+    successor.close()
+
+
 def test_supervisor_batches_impressions_while_the_fm_is_busy():
     sizes = []
 

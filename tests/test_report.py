@@ -200,8 +200,11 @@ def test_ne_gain_is_per_row_against_the_matching_none_row():
         row("freshness", "fm_updates=frozen", method="ah", ne=0.4),  # falls back to main
         row(day=6, ne=None),
         row(method="kd", day=6, ne=0.7),  # the baseline's NE is null
+        row("sweep", day=7, ne=0.9),  # the sweep's own none run (variant "")
+        row("sweep", "gs=2,ls=1,lw=1", method="ah", day=7, ne=0.81, gs=2, ls=1, lw=1),  # baseline: the one above
     ]
     gains = [r["ne_gain"] for r in with_ne_gain(rows)]
+    assert gains[10] == pytest.approx(10.0)
     assert gains[0] == 0.0
     assert gains[1] == pytest.approx(5.0)
     assert math.isnan(gains[2])
@@ -307,6 +310,7 @@ def test_variant_and_sweep_tables():
     assert tasks["columns"] == ["click", "like"]
     assert tasks["cells"][("dcnv2", "fm", "ah", "click")]["ne_gain"].mean == pytest.approx(1.0)
     assert tasks["cells"][("dcnv2", "fm", "ah", "like")]["ne_gain"].mean == pytest.approx(2.0)
+    data["rows"].append(row("sweep", day=9, ne=0.9))  # a none baseline of the sweep: not a cell of its table
     sweep = sweep_table(data, "click")
     assert len(sweep) == 6
     for (fm, vm, gs, ls, lw), cell in sweep.items():
@@ -446,8 +450,9 @@ def test_bad_results_give_clear_errors(tmp_path: Path):
         check_results({"format": FORMAT, "rows": [row(), bad]}, "R")
     with pytest.raises(ValueError, match=r"R: rows\[0\]: auc must be a number or null, found '0.7'"):
         check_results({"format": FORMAT, "rows": [row(auc="0.7")]}, "R")
-    with pytest.raises(ValueError, match=r"R: rows\[0\]: a sweep row needs the numbers gs, ls and lw"):
+    with pytest.raises(ValueError, match=r"R: rows\[0\]: a sweep row \(other than its none baseline\) needs the"):
         check_results({"format": FORMAT, "rows": [row("sweep", method="ah", gs=1, ls=1)]}, "R")
+    check_results({"format": FORMAT, "rows": [row("sweep")]}, "R")  # the sweep's none baseline has no gs, ls, lw
     with pytest.raises(ValueError, match=r"R: curves\[0\].points\[0\]: lacks ne"):
         curve = {**curves()[0], "points": [{"examples": 1}]}
         check_results({"format": FORMAT, "rows": [], "curves": [curve]}, "R")

@@ -265,7 +265,7 @@ def test_obd_columns_domains_items_and_passthrough(tmp_path: Path) -> None:
     dataset = open_dataset(tmp_path / "out")
     schema = dataset.schema
     assert manifest.rows == len(expected) == 240
-    assert manifest.domains == ["all", "men", "women"] and schema.domain.column == "campaign"
+    assert manifest.domains == ["all_items", "men", "women"] and schema.domain.column == "campaign"
     assert len(manifest.days) == 7 and manifest.days[0].start_us == int(OBD_START.timestamp()) * 10**6
     assert schema.tasks == ["click"] and schema.passthrough == ["propensity_score", "policy_bts"]
     names = [f.name for f in schema.features]
@@ -276,7 +276,8 @@ def test_obd_columns_domains_items_and_passthrough(tmp_path: Path) -> None:
     table = read_all(tmp_path / "out")
     rows = sorted(expected, key=lambda r: (r["time"], r["order"]))
     assert table["_time"].to_pylist() == [(r["time"] - EPOCH) // timedelta(microseconds=1) for r in rows]
-    assert table["_domain"].to_pylist() == [r["campaign"] for r in rows]
+    domain_of = {"all": obd.ALL_CAMPAIGN_DOMAIN, "men": "men", "women": "women"}
+    assert table["_domain"].to_pylist() == [domain_of[r["campaign"]] for r in rows]
     assert table["item_id"].to_pylist() == hashes([f"{r['campaign']}/{r['item']}" for r in rows])
     assert table["click"].to_pylist() == [r["click"] for r in rows]
     assert table["policy_bts"].to_pylist() == [float(r["policy"] == "bts") for r in rows]
@@ -290,7 +291,8 @@ def test_obd_columns_domains_items_and_passthrough(tmp_path: Path) -> None:
     assert table["item_feature_0"].to_pylist() == [r["item"] / 2 for r in rows]
     assert table["item_feature_1"].to_pylist() == hashes([f"random-a{r['item'] % 2}" for r in rows])
     assert manifest.days[0].domains == {
-        c: sum(r["campaign"] == c and r["time"] < datetime(2019, 11, 25, tzinfo=UTC) for r in rows) for c in WIDTHS
+        domain_of[c]: sum(r["campaign"] == c and r["time"] < datetime(2019, 11, 25, tzinfo=UTC) for r in rows)
+        for c in WIDTHS
     }
 
 
@@ -376,7 +378,7 @@ def test_real_open_bandit_sample(tmp_path: Path) -> None:
     assert manifest.rows == sum(data_rows(f) for f in files) == 60_000
     assert manifest.rejected_rows == 0 and manifest.dropped_out_of_range == 0
     assert len(manifest.days) == 7 and all(d.rows > 0 for d in manifest.days)
-    assert manifest.domains == ["all", "men", "women"]
+    assert manifest.domains == ["all_items", "men", "women"]
     assert sum(manifest.days[0].domains.values()) == manifest.days[0].rows
     clicks = sum(d.label_rates["click"] * d.rows for d in manifest.days)
     assert 0.002 < clicks / manifest.rows < 0.008  # about 0.4-0.5 %
@@ -420,3 +422,30 @@ def test_kuairand_history_uses_clicks_strictly_before(tmp_path: Path) -> None:
     assert table["video_id"].to_pylist() == hashes(["10", "11", "12", "13"])
     assert table["click_history"].to_pylist() == [[], [], hashes(["10"]), hashes(["10", "12"])]
     assert table["long_view"].to_pylist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"memory_limit_mb": 100}, "memory_limit_mb must be at least 256"), ({"on_bad_row": "warn"}, "on_bad_row")],
+)
+def test_staged_adapters_check_their_options_and_write_nothing(tmp_path: Path, options: dict, message: str) -> None:
+    write_tsv(tmp_path / "raw" / "train_interaction.txt", kuai_rows(10))
+    write_obd(tmp_path / "obd", rows_per_file=3)
+    with pytest.raises(ValueError, match=message):
+        kuaivideo.adapt(tmp_path / "raw", tmp_path / "out", show_progress=False, **options)
+    with pytest.raises(ValueError, match=message):
+        obd.adapt(tmp_path / "obd", tmp_path / "out", show_progress=False, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obd", "raw"]
+
+
+def test_kuaivideo_gzipped_file_reads_like_the_plain_one(tmp_path: Path) -> None:
+    import gzip
+
+    rows = kuai_rows(80, seed=4)
+    plain = write_tsv(tmp_path / "plain" / "train_interaction.txt", rows)
+    (tmp_path / "gz").mkdir()
+    (tmp_path / "gz" / "train_interaction.txt.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    common = {"show_progress": False, "start": date(2026, 1, 1), "days": 3}
+    kuaivideo.adapt(tmp_path / "plain", tmp_path / "out_plain", **common)
+    kuaivideo.adapt(tmp_path / "gz", tmp_path / "out_gz", files=("train_interaction.txt.gz",), **common)
+    assert read_all(tmp_path / "out_gz").equals(read_all(tmp_path / "out_plain"))

@@ -543,3 +543,36 @@ def test_amazon_real_sample_round_trip(tmp_path: Path) -> None:
     assert times.max() == max(int(r["time"]) for r in rows)
     assert times.min() >= times.max() - 55 * DAY
     assert "2014" in info["window"]["last_day_utc"]
+
+
+# --- the shared adapter frame (exfm.data.sources._common) -----------------------------------------
+@pytest.mark.parametrize("source", ["taobao", "amazon"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"memory_limit_mb": 100}, "memory_limit_mb must be at least 256"), ({"on_bad_row": "warn"}, "on_bad_row")],
+)
+def test_adapters_check_their_options_and_write_nothing(
+    tmp_path: Path, source: str, options: dict, message: str
+) -> None:
+    raw = write_taobao(tmp_path / "raw") if source == "taobao" else small_amazon(tmp_path / "raw")
+    with pytest.raises(ValueError, match=message):
+        adapt(source, raw, tmp_path / "out", show_progress=False, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+def test_duckdb_errors_become_ingest_errors_naming_the_file_or_the_budget(tmp_path: Path) -> None:
+    import duckdb
+
+    from exfm.data.sources._common import duckdb_errors
+
+    oom = duckdb.OutOfMemoryException("could not allocate")
+    expected = r"^raw/x\.csv: DuckDB ran out of memory .*raise memory_limit_mb$"
+    with pytest.raises(IngestError, match=expected), duckdb_errors(512, "raw/x.csv"):
+        raise oom
+    with pytest.raises(IngestError, match=r"^DuckDB ran out of memory \(.*memory_limit_mb=512\)"), duckdb_errors(512):
+        raise oom
+    missing = tmp_path / "absent.csv"
+    with pytest.raises(IngestError, match=rf"^{missing}: cannot read: "), duckdb_errors(512, missing):
+        duckdb.connect().execute(f"SELECT * FROM read_csv('{missing}')")
+    with pytest.raises(duckdb.Error), duckdb_errors(512):  # without a file, other errors are DuckDB's own
+        duckdb.connect().execute("SELECT * FROM no_such_table")

@@ -28,7 +28,7 @@ import glob
 import gzip
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,6 +87,21 @@ class IngestError(ValueError):
     """Bad input: the message names the file, the line (or row) and the column where known."""
 
 
+def check_options(on_bad_row: str, memory_limit_mb: int) -> None:
+    """:class:`ValueError` for an unknown ``on_bad_row`` or a ``memory_limit_mb`` below :data:`MIN_MEMORY_MB`
+    (the checks of :func:`ingest` and of every dataset adapter)."""
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    if memory_limit_mb < MIN_MEMORY_MB:
+        raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_MB}, got {memory_limit_mb}")
+
+
+def duckdb_threads(memory_limit_mb: int, mb_per_thread: int) -> int:
+    """DuckDB threads for a budget: one per ``mb_per_thread`` of ``memory_limit_mb``, at least 1, at
+    most the CPU count (each thread of a sort or window holds its own buffers)."""
+    return max(1, min(os.cpu_count() or 1, memory_limit_mb // mb_per_thread))
+
+
 def ingest(
     schema: Schema,
     inputs: str | Path | list[str | Path],
@@ -122,8 +137,7 @@ def ingest(
         exfm.data.dataset.DatasetError: ``out`` exists and ``overwrite`` is false.
         ValueError: an unknown ``on_bad_row`` or a ``memory_limit_mb`` below 256.
     """
-    if on_bad_row not in ("error", "skip"):
-        raise ValueError(f"on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    check_options(on_bad_row, memory_limit_mb)
     sources = _resolve_inputs(inputs)
     columns = _required_columns(schema)
     for source in sources:
@@ -233,17 +247,24 @@ def _required_columns(schema: Schema) -> dict[str, str]:
     return columns
 
 
-def _csv_header(source: _Source) -> list[str]:
-    opener = gzip.open if source.path.suffix.lower() == ".gz" else open
-    quoting = csv.QUOTE_NONE if source.kind == "tsv" else csv.QUOTE_MINIMAL
-    delimiter = "\t" if source.kind == "tsv" else ","
+def _delimiter(source: _Source) -> str:
+    return "\t" if source.kind == "tsv" else ","
+
+
+def read_header(path: Path, delimiter: str = ",") -> list[str]:
+    """The field names on line 1 of a text file (gzip if ``.gz``; byte-order mark dropped; a tab
+    separated file has no quoting), as written; :class:`IngestError` if it has none."""
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     try:
-        with opener(source.path, "rt", encoding="utf-8-sig", newline="") as handle:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             header = next(csv.reader(handle, delimiter=delimiter, quoting=quoting), None)
+    except FileNotFoundError:
+        raise IngestError(f"{path}: input file not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise IngestError(f"{source.name}: cannot read the header line: {exc}") from None
+        raise IngestError(f"{path}: cannot read the header line: {exc}") from None
     if not header:
-        raise IngestError(f"{source.name}: empty file (expected a header line naming the columns)")
+        raise IngestError(f"{path}: empty file (expected a header line naming the columns)")
     return header
 
 
@@ -254,7 +275,7 @@ def _check_columns(source: _Source, columns: dict[str, str]) -> None:
         except (pa.ArrowException, OSError) as exc:
             raise IngestError(f"{source.name}: not a readable Parquet file: {exc}") from None
     else:
-        names = _csv_header(source)
+        names = read_header(source.path, _delimiter(source))
     missing = [f"{column!r} ({role})" for column, role in columns.items() if column not in names]
     if missing:
         raise IngestError(
@@ -283,20 +304,18 @@ class _Budget:
 
     @classmethod
     def from_limit(cls, memory_limit_mb: int) -> _Budget:
-        if memory_limit_mb < MIN_MEMORY_MB:
-            raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_MB}, got {memory_limit_mb}")
         limit = memory_limit_mb * _MB
         return cls(
             block_bytes=min(16 * _MB, limit // 64),
             parquet_rows=min(131_072, limit // 8192),
             sort_mb=memory_limit_mb // 2,
-            sort_threads=max(1, min(os.cpu_count() or 1, memory_limit_mb // 256)),
+            sort_threads=duckdb_threads(memory_limit_mb, 256),
             part_bytes=limit // 8,
         )
 
 
 @dataclass(frozen=True)
-class _Malformed:
+class MalformedLine:
     """A CSV line with the wrong number of fields (reported by pyarrow's invalid-row handler)."""
 
     line: int
@@ -309,16 +328,16 @@ class _Malformed:
 
 
 @dataclass
-class _Block:
+class RowBlock:
     """A block of rows of one file: the raw columns, each row's line (or row) number ``[N]``, and
     the malformed lines of the block (which pyarrow leaves out of ``batch``)."""
 
     batch: pa.RecordBatch
     lines: np.ndarray
-    malformed: list[_Malformed]
+    malformed: list[MalformedLine]
 
 
-def _read_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterator[_Block]:
+def _read_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterator[RowBlock]:
     """Yield the given columns of one file in blocks: text for CSV / TSV, stored types for Parquet."""
     try:
         if source.kind == "parquet":
@@ -326,16 +345,34 @@ def _read_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterat
             for batch in pq.ParquetFile(source.path).iter_batches(batch_size=budget.parquet_rows, columns=columns):
                 arrays = [_empty_as_null(_decoded(a)) for a in batch.columns]
                 batch = pa.RecordBatch.from_arrays(arrays, names=batch.schema.names)
-                yield _Block(batch, np.arange(row, row + batch.num_rows, dtype=np.int64), [])
+                yield RowBlock(batch, np.arange(row, row + batch.num_rows, dtype=np.int64), [])
                 row += batch.num_rows
         else:
-            yield from _csv_blocks(source, columns, budget)
+            header = read_header(source.path, _delimiter(source))
+            yield from read_text_blocks(
+                source.path,
+                header,
+                columns,
+                delimiter=_delimiter(source),
+                skip_header=True,
+                block_bytes=budget.block_bytes,
+            )
     except pa.ArrowException as exc:
         raise IngestError(f"{source.name}: cannot read: {exc}") from None
 
 
-def _csv_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterator[_Block]:
+def read_text_blocks(
+    path: Path, names: list[str], columns: list[str], *, delimiter: str, skip_header: bool, block_bytes: int
+) -> Iterator[RowBlock]:
     """Cut a CSV / TSV file into blocks of whole lines and parse each one with pyarrow.
+
+    Args:
+        path: the file (gzip if ``.gz``).
+        names: the names of its fields, in order (those of the header line, or given).
+        columns: the fields to read, each as text (an empty field is null).
+        delimiter: ``","`` (CSV, ``"`` quoting) or ``"\\t"`` (TSV, no quoting).
+        skip_header: line 1 is a header line (left out; rows are numbered from line 2).
+        block_bytes: bytes of text parsed at a time (a longer line makes a longer block).
 
     Reading the bytes here (rather than with pyarrow's streaming reader, which reads ahead without
     bound when parsing is slower than the disk) keeps memory at about one block, and gives exact
@@ -349,10 +386,9 @@ def _csv_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterato
         malformed.append(row)
         return "skip"
 
-    tsv = source.kind == "tsv"
-    header = _csv_header(source)
+    tsv = delimiter == "\t"
     parse_options = pv.ParseOptions(
-        delimiter="\t" if tsv else ",",
+        delimiter=delimiter,
         quote_char=False if tsv else '"',
         ignore_empty_lines=False,
         invalid_row_handler=handler,
@@ -365,39 +401,41 @@ def _csv_blocks(source: _Source, columns: list[str], budget: _Budget) -> Iterato
         null_values=[""],
     )
     line = 1  # the number of the next block's first line
-    compression = "gzip" if source.path.suffix.lower() == ".gz" else None
-    with pa.input_stream(source.path, compression=compression) as stream:
+    compression = "gzip" if path.suffix.lower() == ".gz" else None
+    with pa.input_stream(path, compression=compression) as stream:
         carry = b""
         while True:
-            data = stream.read(budget.block_bytes)
+            data = stream.read(block_bytes)
             buffer = carry + data
             cut = buffer.rfind(b"\n") + 1 if data else len(buffer)
             if data and cut == 0:  # no line end yet (a line longer than a block): read on
                 carry = buffer
                 continue
             block, carry = buffer[:cut], buffer[cut:]
-            if line == 1:  # drop the header line (read by _csv_header), byte-order mark included
+            if line == 1 and skip_header:  # drop the header line (read_header's), byte-order mark included
                 block = block[block.find(b"\n") + 1 :] if b"\n" in block else b""
                 line = 2
             if block:
                 malformed.clear()
                 # one pyarrow block per block, parsed serially: the handler then gets line numbers
-                read_options = pv.ReadOptions(column_names=header, use_threads=False, block_size=len(block) + 1)
+                read_options = pv.ReadOptions(column_names=names, use_threads=False, block_size=len(block) + 1)
                 try:
                     table = pv.read_csv(pa.BufferReader(block), read_options, parse_options, convert_options)
                 except pa.ArrowInvalid as exc:
                     last = line + block.count(b"\n") - 1
-                    raise IngestError(f"{source.name}:{line}-{last}: cannot parse these lines: {exc}") from None
-                bad = [_Malformed(line + m.number - 1, m.expected_columns, m.actual_columns, m.text) for m in malformed]
+                    raise IngestError(f"{path}:{line}-{last}: cannot parse these lines: {exc}") from None
+                bad = [
+                    MalformedLine(line + m.number - 1, m.expected_columns, m.actual_columns, m.text) for m in malformed
+                ]
                 table = table.combine_chunks()
                 batch = table.to_batches()[0] if table.num_rows else pa.RecordBatch.from_pylist([], schema=table.schema)
-                yield _Block(batch, _row_lines(line, batch.num_rows, bad), bad)
+                yield RowBlock(batch, _row_lines(line, batch.num_rows, bad), bad)
                 line += block.count(b"\n")
             if not data:
                 return
 
 
-def _row_lines(first: int, rows: int, malformed: list[_Malformed]) -> np.ndarray:
+def _row_lines(first: int, rows: int, malformed: list[MalformedLine]) -> np.ndarray:
     """Line numbers ``[rows]`` of a block's rows, the block starting at line ``first``.
 
     Row ``v`` is on line ``first + v + (malformed lines before it)``; the j-th malformed line
@@ -422,7 +460,7 @@ def _empty_as_null(array: pa.Array) -> pa.Array:
     return pc.if_else(pc.equal(array, ""), pa.scalar(None, array.type), array)
 
 
-def _all_null(batch: pa.RecordBatch) -> np.ndarray:
+def blank_rows(batch: pa.RecordBatch) -> np.ndarray:
     """Rows ``[N]`` whose every column is null: the empty lines of a CSV file (ignored)."""
     blank = np.ones(batch.num_rows, dtype=bool)
     for array in batch.columns:
@@ -686,7 +724,7 @@ def _value_rejects(
     return found
 
 
-def _malformed_rejects(malformed: list[_Malformed]) -> list[_Reject]:
+def _malformed_rejects(malformed: list[MalformedLine]) -> list[_Reject]:
     return [_Reject(m.line, "", m.reason(), m.text) for m in malformed]
 
 
@@ -818,8 +856,12 @@ class _DaySpill:
 
 
 # --- the passes --------------------------------------------------------------------------------
-def _progress(show: bool, desc: str, total: int | None = None) -> tqdm:
-    return tqdm(desc=desc, total=total, unit=" rows", unit_scale=True, disable=not show, dynamic_ncols=True)
+def progress(
+    show: bool, desc: str, total: int | None = None, *, unit: str = " rows", iterable: Iterable | None = None
+) -> tqdm:
+    """A progress bar on stderr (rate and, with ``total``, ETA) unless ``show`` is false; over
+    ``iterable`` if given, else updated by hand. Shared by the ingest and the dataset adapters."""
+    return tqdm(iterable, desc=desc, total=total, unit=unit, unit_scale=True, disable=not show, dynamic_ncols=True)
 
 
 def _raise_first(source: _Source, found: list[_Reject]) -> None:
@@ -837,7 +879,7 @@ def _scan_time_range(
     """
     t_min, t_max = None, None
     column = schema.time.column
-    with _progress(show_progress, "scan time range") as bar:
+    with progress(show_progress, "scan time range") as bar:
         for source in sources:
             for block in _read_blocks(source, [column], budget):
                 raw = block.batch.column(0)
@@ -879,14 +921,14 @@ def _split_into_days(
     first, last = _format_us(int(boundaries[0])), _format_us(int(boundaries[-1]))
     days_text = f"days 1..{len(boundaries) - 1} = [{first}, {last})"
     dropped = 0
-    with _progress(show_progress, "ingest") as bar:
+    with progress(show_progress, "ingest") as bar:
         for source in sources:
             for block in _read_blocks(source, columns, budget):
                 batch, lines, rows = block.batch, block.lines, block.batch.num_rows
                 converted = _convert(schema, batch)
                 keep = ~converted.bad_rows(rows)
                 if not keep.all() and source.kind != "parquet":
-                    blank = _all_null(batch)
+                    blank = blank_rows(batch)
                     keep &= ~blank
                     for problem in converted.problems:
                         problem.mask &= ~blank
@@ -940,7 +982,7 @@ def _sort_and_write_days(
     total = sum(stats.rows for stats in spill.stats.values())
     entries = []
     query = 'SELECT * EXCLUDE ("{seq}") FROM read_parquet({path}) ORDER BY "{time}", "{seq}"'
-    with duckdb.connect(config=config) as con, _progress(show_progress, "sort days", total) as bar:
+    with duckdb.connect(config=config) as con, progress(show_progress, "sort days", total) as bar:
         for day in range(1, spill.days + 1):
             stats = spill.stats[day]
             files: list[str] = []

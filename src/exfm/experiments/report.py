@@ -108,8 +108,8 @@ def check_results(data: Any, source: str = "results") -> dict:
             value = row.get(key)
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
                 raise ValueError(f"{where}: {key} must be a number or null, found {value!r}")
-            if row["study"] == "sweep" and key in SWEEP_PARAMS and value is None:
-                raise ValueError(f"{where}: a sweep row needs the numbers gs, ls and lw")
+            if row["study"] == "sweep" and row["method"] != "none" and key in SWEEP_PARAMS and value is None:
+                raise ValueError(f"{where}: a sweep row (other than its none baseline) needs the numbers gs, ls and lw")
     for i, curve in enumerate(data.get("curves", [])):
         where = f"{source}: curves[{i}]"
         _require(curve, CURVE_KEYS, where)
@@ -177,7 +177,8 @@ def with_ne_gain(rows: Iterable[dict]) -> list[dict]:
     """Copies of ``rows`` with ``ne_gain = (NE_none − NE) / NE_none · 100`` (NaN without a baseline).
 
     The baseline is the ``none`` row with the same (fm, vm, seed, eval_day, task, domain) in the same
-    study and variant, or failing that in study ``main``, variant ``""``.
+    study and variant, or failing that in the same study with variant ``""`` (the sweep's baseline),
+    or in study ``main``, variant ``""``.
     """
     rows = list(rows)
     baseline = {
@@ -188,7 +189,8 @@ def with_ne_gain(rows: Iterable[dict]) -> list[dict]:
     out = []
     for row in rows:
         pair = tuple(row[k] for k in PAIR_KEYS)
-        none = baseline.get((row["study"], row["variant"], *pair), baseline.get(("main", "", *pair), _NAN))
+        candidates = ((row["study"], row["variant"]), (row["study"], ""), ("main", ""))
+        none = next((baseline[key] for c in candidates if (key := (*c, *pair)) in baseline), _NAN)
         gain = (none - _value(row, "ne")) / none * 100 if none > 0 else _NAN
         out.append({**row, "ne_gain": gain})
     return out
@@ -344,8 +346,10 @@ def variant_table(results: dict, study: str, task: str | None = None) -> dict:
 
 
 def sweep_table(results: dict, task: str) -> dict[tuple, dict[str, Stat]]:
-    """``{(fm, vm, gs, ls, lw): {"ne_gain", "auc", "ne": Stat}}`` of the ``sweep`` rows of one task (domain all)."""
-    return summarize(_rows(results, "sweep", task), ("fm", "vm", *SWEEP_PARAMS), ("ne_gain", "auc", "ne"))
+    """``{(fm, vm, gs, ls, lw): {"ne_gain", "auc", "ne": Stat}}`` of the ``sweep`` rows of one task (domain all),
+    its ``none`` baseline rows left out."""
+    rows = [r for r in _rows(results, "sweep", task) if r["method"] != "none"]
+    return summarize(rows, ("fm", "vm", *SWEEP_PARAMS), ("ne_gain", "auc", "ne"))
 
 
 # --- cells and the terminal table --------------------------------------------------------------------

@@ -51,7 +51,9 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from exfm.das.snapshots import SnapshotInfo
+from exfm.das.events import replay_into
+from exfm.das.snapshots import SnapshotInfo, list_snapshots, publish_snapshot
+from exfm.das.worker import DASConfig, Worker, open_backends
 from exfm.data.dataset import US_PER_S, Dataset, atomic_write_text, open_dataset
 from exfm.distill.supervision import FM_TRAINED_THROUGH_COLUMN
 from exfm.experiments.zoo import synthetic_zoo
@@ -288,9 +290,6 @@ class Reproduction:
         Returns:
             The store directory, and one summary per day (rows, supervised share, snapshot).
         """
-        from exfm.das.events import replay_into
-        from exfm.das.worker import DASConfig, Worker, open_backends
-
         root = self.out / "das" / f"{slug(fm)}-{updates}"
         config_path = root / "das.yaml"
         if not config_path.exists():
@@ -439,8 +438,6 @@ def _serve_only(spd: Path, fm: str, fm_run: Path, checkpoint: str) -> SnapshotIn
     """Publish the FM run's ``checkpoint`` (once) and withdraw every newer snapshot, so that a worker
     starting now serves exactly this one. Newer ones exist only when a resumed run redoes an earlier
     day; they are published again when their day comes."""
-    from exfm.das.snapshots import list_snapshots, publish_snapshot
-
     published = [s for s in list_snapshots(spd, fm) if s.manifest["source"]["checkpoint"] == checkpoint]
     snapshot = published[-1] if published else publish_snapshot(spd, fm_run, checkpoint, fm=fm)
     for newer in list_snapshots(spd, fm):

@@ -37,11 +37,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
-from exfm.data.dataset import Manifest, atomic_output_dir
-from exfm.data.ingest import MIN_MEMORY_MB, IngestError
-from exfm.data.sources._common import RawRejects, find_raw, gather_lists, history_bounds, write_dataset
+from exfm.data.dataset import Manifest
+from exfm.data.ingest import IngestError, progress
+from exfm.data.sources._common import (
+    RawRejects,
+    adapter_output,
+    find_raw,
+    gather_lists,
+    history_bounds,
+)
 from exfm.schema import Schema, parse_schema
 
 NAME = "amazon_electronics"
@@ -110,30 +115,13 @@ def adapt(
         IngestError: a missing raw file, a bad line (``"error"``) or no valid review.
     """
     raw_dir, out = Path(raw_dir), Path(out)
-    if memory_limit_mb < MIN_MEMORY_MB:
-        raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_MB}, got {memory_limit_mb}")
     reviews_path = find_raw(raw_dir, REVIEWS, "Amazon Electronics")
     meta_path = find_raw(raw_dir, META, "Amazon Electronics")
-    with atomic_output_dir(out, overwrite) as staging:
-        work = staging / "_work"
-        work.mkdir()
-        rejects = RawRejects(staging, on_bad_row)
-        try:
-            samples, info = _samples(reviews_path, meta_path, work, rejects, show_progress)
-            return write_dataset(
-                staging,
-                work,
-                schema(),
-                [samples],
-                rejects,
-                sources=[reviews_path, meta_path],
-                info=info,
-                on_bad_row=on_bad_row,
-                memory_limit_mb=memory_limit_mb,
-                show_progress=show_progress,
-            )
-        finally:
-            rejects.close()
+    with adapter_output(
+        out, overwrite=overwrite, on_bad_row=on_bad_row, memory_limit_mb=memory_limit_mb, show_progress=show_progress
+    ) as run:
+        samples, info = _samples(reviews_path, meta_path, run.work, run.rejects, show_progress)
+        return run.finish(schema(), [samples], sources=[reviews_path, meta_path], info=info)
 
 
 # --- raw files ---------------------------------------------------------------------------------
@@ -194,7 +182,7 @@ def _read_reviews(path: Path, rejects: RawRejects, show_progress: bool) -> tuple
         if rejects.on_bad_row == "error":
             rejects.add(path, bad)  # raises at once
 
-    for number, text in tqdm(_lines(path), desc="read reviews", unit=" lines", disable=not show_progress):
+    for number, text in progress(show_progress, "read reviews", unit=" lines", iterable=_lines(path)):
         if not text.strip():
             continue
         total += 1
@@ -237,7 +225,7 @@ def _read_meta(path: Path, wanted: set[str], rejects: RawRejects, show_progress:
     found: dict[str, str | None] = {}
     counts = {"meta_lines": 0, "meta_lines_skipped_unreviewed": 0, "meta_repeated_asin": 0}
     bad: list[tuple[int, str, str, str]] = []
-    for number, text in tqdm(_lines(path), desc="read meta", unit=" lines", disable=not show_progress):
+    for number, text in progress(show_progress, "read meta", unit=" lines", iterable=_lines(path)):
         if bad and (rejects.on_bad_row == "error" or len(bad) >= _READ_CHUNK):
             rejects.add(path, bad)  # raises in error mode
             bad.clear()

@@ -30,17 +30,13 @@ import duckdb
 
 from exfm.data.dataset import Manifest
 from exfm.data.ingest import IngestError
-from exfm.data.sources._rawstage import (
-    FILE_COLUMN,
-    LINE_COLUMN,
+from exfm.data.sources._common import (
     Check,
     RawFile,
     RawTable,
-    bucket_count,
-    click_history_sql,
+    categorical_features,
     distinct_counts,
-    materialize,
-    quote,
+    join_click_history,
     run_adapter,
 )
 from exfm.schema import Schema, parse_schema
@@ -123,10 +119,7 @@ def adapt(
         spec = {
             "name": "kuairand",
             "features": [
-                {"name": name, "type": "categorical", "buckets": bucket_count(distinct[name], max_buckets)}
-                for name in ("user_id", "video_id", "tab")
-            ]
-            + [
+                *categorical_features(["user_id", "video_id", "tab"], distinct, max_buckets),
                 {"name": "duration_ms", "type": "numeric", "transform": "log1p"},
                 {"name": HISTORY, "type": "sequence", "max_len": history_len, "embedding": "video_id"},
             ],
@@ -135,15 +128,17 @@ def adapt(
             "split": {"mode": "calendar", "days": days, "timezone": timezone, "start": start},
         }
         schema = parse_schema(spec, "kuairand")
-        history = click_history_sql(
-            TABLE, user="user_id", item="video_id", time="time_ms", clicked="_clicked = 1", max_len=history_len
-        )
-        materialize(con, work, "clicks", history)
-        labels = ", ".join(f"v.{quote(task)}" for task in tasks)
-        selected = f"v.time_ms, v.user_id, v.video_id, v.tab, v.duration_ms, {labels}, v.{FILE_COLUMN}, v.{LINE_COLUMN}"
-        sql = (
-            f"SELECT {selected}, coalesce(h.history, []::VARCHAR[]) AS {HISTORY}"
-            f" FROM {TABLE} v ASOF LEFT JOIN clicks h ON v.user_id = h.user_id AND v.time_ms > h.time_ms"
+        sql = join_click_history(
+            con,
+            work,
+            TABLE,
+            ["time_ms", "user_id", "video_id", "tab", "duration_ms", *tasks],
+            user="user_id",
+            item="video_id",
+            time="time_ms",
+            clicked="_clicked = 1",
+            max_len=history_len,
+            name=HISTORY,
         )
         return schema, sql
 

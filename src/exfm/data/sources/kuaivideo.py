@@ -27,19 +27,16 @@ import duckdb
 
 from exfm.data.dataset import Manifest
 from exfm.data.ingest import IngestError
-from exfm.data.sources._rawstage import (
-    FILE_COLUMN,
-    LINE_COLUMN,
+from exfm.data.sources._common import (
     UNIT_US,
     Check,
     RawFile,
     RawTable,
-    bucket_count,
     busiest_days,
-    click_history_sql,
+    categorical_features,
     detect_unit,
     distinct_counts,
-    materialize,
+    join_click_history,
     quote,
     run_adapter,
 )
@@ -114,16 +111,17 @@ def adapt(
         first = start or busiest_days(con, TABLE, f"{quote('time')} * {UNIT_US[unit]}", days, timezone)
         distinct = distinct_counts(con, TABLE, ["user_id", "photo_id"])
         schema = build_schema(unit, timezone, days, first, history_len, distinct, max_buckets)
-        history = click_history_sql(
-            TABLE, user="user_id", item="photo_id", time="time", clicked="click = 1", max_len=history_len, name=HISTORY
-        )
-        materialize(con, work, "clicks", history)
-        sql = (
-            f"SELECT v.{quote('time')}, v.user_id, v.photo_id, v.duration_time,"
-            f" coalesce(h.{HISTORY}, []::VARCHAR[]) AS {HISTORY}, v.click, v.{quote('like')}, v.follow,"
-            f" v.{FILE_COLUMN}, v.{LINE_COLUMN}"
-            f" FROM {TABLE} v ASOF LEFT JOIN clicks h"
-            f" ON v.user_id = h.user_id AND v.{quote('time')} > h.{quote('time')}"
+        sql = join_click_history(
+            con,
+            work,
+            TABLE,
+            ["time", "user_id", "photo_id", "duration_time", *TASKS],
+            user="user_id",
+            item="photo_id",
+            time="time",
+            clicked="click = 1",
+            max_len=history_len,
+            name=HISTORY,
         )
         return schema, sql
 
@@ -151,8 +149,7 @@ def build_schema(
     spec = {
         "name": "kuaivideo",
         "features": [
-            {"name": "user_id", "type": "categorical", "buckets": bucket_count(distinct["user_id"], max_buckets)},
-            {"name": "photo_id", "type": "categorical", "buckets": bucket_count(distinct["photo_id"], max_buckets)},
+            *categorical_features(["user_id", "photo_id"], distinct, max_buckets),
             {"name": "duration_time", "type": "numeric", "transform": "log1p"},
             {"name": HISTORY, "type": "sequence", "max_len": history_len, "embedding": "photo_id"},
         ],

@@ -13,7 +13,8 @@ impressions file has a leading unnamed index column, ``timestamp`` (ISO-8601, UT
 
 Output (decisions documented in ``docs/datasets.md``, section "obd"):
 
-* domain: the campaign (``all``, ``men``, ``women``); label: ``click``;
+* domain: the campaign (``all_items`` for campaign ``all``, whose name the metrics reserve for the whole
+  set; ``men``, ``women``); label: ``click``;
 * features: ``item_id`` as ``<campaign>/<item_id>`` (an item index is only meaningful within its
   campaign), ``position``, ``user_feature_0..3``, ``item_feature_1..3`` (categorical),
   ``item_feature_0``, ``affinity_item`` (the user's affinity to the shown item),
@@ -37,17 +38,16 @@ from typing import Literal
 import duckdb
 
 from exfm.data.dataset import Manifest
-from exfm.data.ingest import IngestError
-from exfm.data.sources._rawstage import (
+from exfm.data.ingest import IngestError, read_header
+from exfm.data.sources._common import (
     FILE_COLUMN,
     LINE_COLUMN,
     Check,
     RawFile,
     RawTable,
-    bucket_count,
+    categorical_features,
     distinct_counts,
     literal,
-    read_header,
     require_file,
     run_adapter,
 )
@@ -55,6 +55,8 @@ from exfm.schema import Schema, parse_schema
 
 POLICIES = ("random", "bts")
 CAMPAIGNS = ("all", "men", "women")
+ALL_CAMPAIGN_DOMAIN = "all_items"
+"""The domain of campaign ``all``: exfm's metrics reserve the name ``all`` for the whole set."""
 AFFINITY_PREFIX = "user-item_affinity_"
 USER_FEATURES = tuple(f"user_feature_{k}" for k in range(4))
 ITEM_CATEGORIES = tuple(f"item_feature_{k}" for k in range(1, 4))
@@ -148,7 +150,8 @@ def adapt(
             f"list_sum({affinity_list}) AS affinity_total",
             *(f"v.{a}" for a in (affinities if affinity_columns else [])),
             "v.click",
-            "v.campaign",
+            f"CASE v.campaign WHEN {literal('all')} THEN {literal(ALL_CAMPAIGN_DOMAIN)} ELSE v.campaign END"
+            " AS campaign",
             "v.propensity_score",
             f"CAST(v.policy = {literal('bts')} AS DOUBLE) AS policy_bts",
             f"v.{FILE_COLUMN}",
@@ -205,10 +208,7 @@ def _item_policy(con: duckdb.DuckDBPyConnection, policies: tuple[str, ...]) -> s
 def build_schema(distinct: dict[str, int], width: int, start: date, days: int, max_buckets: int) -> Schema:
     """The schema of the joined OBD impressions (``width`` raw affinity columns kept)."""
     categorical = ["item_id", "position", *USER_FEATURES, *ITEM_CATEGORIES]
-    features: list[dict] = [
-        {"name": name, "type": "categorical", "buckets": bucket_count(distinct[name], max_buckets)}
-        for name in categorical
-    ]
+    features = categorical_features(categorical, distinct, max_buckets)
     features.append({"name": "item_feature_0", "type": "numeric"})
     for name in ("affinity_item", "affinity_total", *(f"affinity_{k}" for k in range(width))):
         features.append({"name": name, "type": "numeric", "transform": "log1p"})

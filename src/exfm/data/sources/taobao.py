@@ -47,20 +47,21 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
-from exfm.data.dataset import Manifest, atomic_output_dir
-from exfm.data.ingest import MIN_MEMORY_MB, IngestError
+from exfm.data.dataset import Manifest
+from exfm.data.ingest import IngestError, progress
 from exfm.data.sources._common import (
     Column,
+    CsvSource,
     RawRejects,
+    adapter_output,
     connect,
     csv_source,
+    duckdb_errors,
     find_raw,
     gather_lists,
     history_bounds,
-    quote_sql,
-    write_dataset,
+    literal,
 )
 from exfm.schema import Schema, parse_schema
 
@@ -202,42 +203,16 @@ def adapt(
             or DuckDB running out of memory.
     """
     raw_dir, out = Path(raw_dir), Path(out)
-    if memory_limit_mb < MIN_MEMORY_MB:
-        raise ValueError(f"memory_limit_mb must be at least {MIN_MEMORY_MB}, got {memory_limit_mb}")
     files = {name: find_raw(raw_dir, name, "TaobaoAd") for name in (RAW_SAMPLE, AD_FEATURE, USER_PROFILE, BEHAVIOR_LOG)}
-    with atomic_output_dir(out, overwrite) as staging:
-        work = staging / "_work"
-        work.mkdir()
-        rejects = RawRejects(staging, on_bad_row)
-        try:
-            joined, info = _join(files, work, rejects, memory_limit_mb, show_progress)
-            return write_dataset(
-                staging,
-                work,
-                schema(),
-                [joined],
-                rejects,
-                sources=list(files.values()),
-                info=info,
-                on_bad_row=on_bad_row,
-                memory_limit_mb=memory_limit_mb,
-                show_progress=show_progress,
-            )
-        finally:
-            rejects.close()
+    with adapter_output(
+        out, overwrite=overwrite, on_bad_row=on_bad_row, memory_limit_mb=memory_limit_mb, show_progress=show_progress
+    ) as run:
+        with duckdb_errors(memory_limit_mb):
+            joined, info = _join(files, run.work, run.rejects, memory_limit_mb, show_progress)
+        return run.finish(schema(), [joined], sources=list(files.values()), info=info)
 
 
 # --- the join ----------------------------------------------------------------------------------
-def _execute(con: duckdb.DuckDBPyConnection, sql: str, where: Path | str) -> None:
-    """Run one statement; DuckDB's errors become :class:`IngestError` naming ``where``."""
-    try:
-        con.execute(sql)
-    except duckdb.OutOfMemoryException as exc:
-        raise IngestError(f"{where}: DuckDB ran out of memory ({exc}); raise memory_limit_mb") from None
-    except duckdb.Error as exc:
-        raise IngestError(f"{where}: cannot read: {exc}") from None
-
-
 def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
     return int(con.execute(sql).fetchone()[0] or 0)
 
@@ -253,15 +228,21 @@ def _join(
     started = time.monotonic()
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
-    con = connect(work, memory_limit_mb, show_progress)
+    # while DuckDB reads and joins, nothing else holds much memory: 3/4 of the budget
+    con = connect(work, memory_limit_mb, show_progress, share=0.75, mb_per_thread=256, database="adapt.duckdb")
+
+    def read(source: CsvSource, sql: str) -> None:
+        """Run a statement that reads ``source``: its errors name the file."""
+        with duckdb_errors(memory_limit_mb, source.path):
+            con.execute(sql)
+
     try:
         # the ad and user tables: one row per key (the smallest by content if a key repeats)
         source, sql = csv_source(files[AD_FEATURE], AD_FEATURE_COLUMNS, "ad")
-        _execute(
-            con,
+        read(
+            source,
             f"""CREATE TABLE ad_raw AS SELECT adgroup_id, cate_id, campaign_id, customer, brand,
                 CASE WHEN isfinite(price) THEN price END AS price FROM {sql}""",
-            source.path,
         )
         rejects.collect(con, source, AD_FEATURE_COLUMNS)
         con.execute(
@@ -274,7 +255,7 @@ def _join(
 
         source, sql = csv_source(files[USER_PROFILE], USER_PROFILE_COLUMNS, "profile")
         fields = ", ".join(PROFILE_FIELDS)
-        _execute(con, f"CREATE TABLE profile_raw AS SELECT userid, {fields} FROM {sql}", source.path)
+        read(source, f"CREATE TABLE profile_raw AS SELECT userid, {fields} FROM {sql}")
         rejects.collect(con, source, USER_PROFILE_COLUMNS)
         con.execute(
             f"""CREATE TABLE profile AS SELECT * FROM profile_raw
@@ -288,11 +269,10 @@ def _join(
 
         # the impressions
         source, sql = csv_source(files[RAW_SAMPLE], RAW_SAMPLE_COLUMNS, "sample")
-        _execute(
-            con,
+        read(
+            source,
             # no cast in this SELECT: DuckDB would push it into the reader and read clk "2" as 2
             f'CREATE TABLE sample AS SELECT "user", time_stamp, adgroup_id, pid, clk FROM {sql}',
-            source.path,
         )
         rejects.collect(con, source, RAW_SAMPLE_COLUMNS)
         counts["impressions"] = _scalar(con, "SELECT count(*) FROM sample")
@@ -321,22 +301,22 @@ def _join(
         # the impressions joined with their ad and user, streamed to a folder partitioned by bucket
         imp_dir, event_dir = work / "impressions", work / "events"
         level = "TRY_CAST(trim(p.new_user_class_level) AS DOUBLE)"
-        cases = " ".join(f"WHEN {level} = {value} THEN {quote_sql(name)}" for value, name in DOMAINS.items())
+        cases = " ".join(f"WHEN {level} = {value} THEN {literal(name)}" for value, name in DOMAINS.items())
         con.execute(
             f"""COPY (SELECT
                     s."user", s.time_stamp, s.adgroup_id, s.pid, CAST(s.clk AS TINYINT) AS clk,
                     a.cate_id, a.campaign_id, a.customer, a.brand, a.price,
                     {", ".join(f"p.{f}" for f in PROFILE_FIELDS)},
-                    CASE {cases} ELSE {quote_sql(UNKNOWN_DOMAIN)} END AS domain,
+                    CASE {cases} ELSE {literal(UNKNOWN_DOMAIN)} END AS domain,
                     a.adgroup_id IS NULL AS no_ad, p.userid IS NULL AS no_profile, b.bucket
                 FROM sample s
                 JOIN user_bucket b ON b."user" = s."user"
                 LEFT JOIN ad a ON a.adgroup_id = s.adgroup_id
                 LEFT JOIN profile p ON p.userid = s."user")
-                TO {quote_sql(str(imp_dir))} (FORMAT parquet, PARTITION_BY (bucket))"""
+                TO {literal(str(imp_dir))} (FORMAT parquet, PARTITION_BY (bucket))"""
         )
         con.execute("DROP TABLE sample")
-        imp_glob = quote_sql(str(imp_dir / "*" / "*.parquet"))
+        imp_glob = literal(str(imp_dir / "*" / "*.parquet"))
         no_ad, no_profile = con.execute(
             f"""SELECT count(*) FILTER (WHERE no_ad), count(*) FILTER (WHERE no_profile)
                 FROM read_parquet({imp_glob}, hive_partitioning = false)"""
@@ -354,15 +334,14 @@ def _join(
         # one pass over the behaviour log: each event to its user's bucket (-1: outside 2017, -2: no impression)
         step = time.monotonic()
         source, sql = csv_source(files[BEHAVIOR_LOG], BEHAVIOR_COLUMNS, "behavior")
-        _execute(
-            con,
+        read(
+            source,
             f"""COPY (SELECT e."user", e.time_stamp AS ts, e.cate, e.brand,
                     CASE WHEN e.time_stamp < {YEAR_START} OR e.time_stamp >= {YEAR_END} THEN -1
                          ELSE coalesce(b.bucket, -2) END AS bucket
                 FROM (SELECT "user", time_stamp, cate, brand FROM {sql}) e
                 LEFT JOIN user_bucket b ON b."user" = e."user")
-                TO {quote_sql(str(event_dir))} (FORMAT parquet, PARTITION_BY (bucket))""",
-            source.path,
+                TO {literal(str(event_dir))} (FORMAT parquet, PARTITION_BY (bucket))""",
         )
         rejects.collect(con, source, BEHAVIOR_COLUMNS)
         counts["behavior_rows"] = sum(_parquet_rows(d) for d in event_dir.glob("bucket=*"))
@@ -380,7 +359,7 @@ def _join(
         joined = work / "joined.parquet"
         stats = _Histories()
         with pq.ParquetWriter(joined, _joined_schema(con, imp_dir), compression="zstd") as writer:
-            for bucket in tqdm(range(buckets), desc="behaviour sequences", unit=" buckets", disable=not show_progress):
+            for bucket in progress(show_progress, "behaviour sequences", unit=" buckets", iterable=range(buckets)):
                 table = _bucket_rows(con, imp_dir / f"bucket={bucket}", event_dir / f"bucket={bucket}", stats)
                 if table is not None:
                     writer.write_table(table.cast(writer.schema), row_group_size=65_536)
@@ -426,7 +405,7 @@ def _joined_schema(con: duckdb.DuckDBPyConnection, imp_dir: Path) -> pa.Schema:
     """The intermediate file's schema: the impression columns plus the two sequences."""
     first = next(imp_dir.glob("bucket=*/*.parquet"))
     base = con.sql(
-        f"SELECT * {_NOT_WRITTEN} FROM read_parquet({quote_sql(str(first))}, hive_partitioning = false) LIMIT 0"
+        f"SELECT * {_NOT_WRITTEN} FROM read_parquet({literal(str(first))}, hive_partitioning = false) LIMIT 0"
     )
     fields = list(base.to_arrow_table().schema)
     return pa.schema(
@@ -438,12 +417,12 @@ def _bucket_rows(con: duckdb.DuckDBPyConnection, imp_dir: Path, event_dir: Path,
     """One bucket's impressions with their sequences, in (user, time, ...) order (None if it has none)."""
     if not any(imp_dir.glob("*.parquet")):
         return None
-    glob = quote_sql(str(imp_dir / "*.parquet"))
+    glob = literal(str(imp_dir / "*.parquet"))
     imps = con.sql(
         f"SELECT * {_NOT_WRITTEN} FROM read_parquet({glob}, hive_partitioning = false) ORDER BY ALL"
     ).to_arrow_table()
     if any(event_dir.glob("*.parquet")):
-        glob = quote_sql(str(event_dir / "*.parquet"))
+        glob = literal(str(event_dir / "*.parquet"))
         raw_events = _parquet_rows(event_dir)
         # duplicates: the same user, time, category and brand (the btag is not part of a sequence)
         events = con.sql(

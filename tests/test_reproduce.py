@@ -183,6 +183,21 @@ def test_a_second_call_reuses_everything_and_an_interrupted_run_resumes(stream: 
     assert redone == [(s["day"], s["checkpoint"], s["trained_through_us"]) for s in days]
 
 
+def test_the_vm_warm_up_trains_days_1_to_4_on_labels_alone_first(stream: Path, tmp_path: Path):
+    config = ReproduceConfig(data=stream, methods=["none", "ah"], studies=["main"], vm_warmup=True)
+    results = Reproduction(config, tmp_path / "run").run()
+    days = [(s["day"], s["checkpoint"], s["supervised"]) for s in results["supervision"]]
+    assert days == [(1, None, 0.0), (2, None, 0.0), (3, None, 0.0), (4, None, 0.0)] + [
+        (t, f"day-{t - 1:02d}", 1.0) for t in (5, 6, 7, 8)
+    ]
+    assert {(r["train_day"], r["eval_day"]) for r in results["rows"]} == {(5, 6), (6, 7), (7, 8)}
+    for curve in results["curves"]:
+        assert {p["day"] for p in curve["points"]} == set(range(1, 8))  # one pass from day 1
+    assert all(key.startswith("warmup/") for key in (p.unit.key for p in plan(config, open_dataset(stream))))
+    vm_config = tmp_path / "run" / "vm" / VMUnit("dcnv2", "daily", "fm", "ah", 0, warmup=True).key / "run"
+    assert "train_days:\n- 1\n- 7" in (vm_config / "config.yaml").read_text()
+
+
 def test_bad_settings_are_clear_errors(stream: Path, tmp_path: Path, capsys):
     with pytest.raises(ValueError, match="unknown model"):
         Reproduction(ReproduceConfig(data=stream, fms=["gpt"]), tmp_path / "a")

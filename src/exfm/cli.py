@@ -219,6 +219,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
             "studies": items(args.studies),
             "fm_days": args.fm_days,
             "multitask_fm": args.multitask_fm,
+            "vm_warmup": args.vm_warmup,
             "sweep": {"gs": items(args.sweep_gs), "ls": items(args.sweep_ls), "lw": items(args.sweep_lw)},
             "device": args.device,
         }
@@ -434,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fm-days", type=int, default=4, help="F: days the FM trains before any VM (default 4)")
     p.add_argument("--dataset-name", default="", help="the name in the result rows (default: the data dir's name)")
     p.add_argument("--multitask-fm", default="multitask(dcnv2)", help="the teacher of the multi_task study")
+    p.add_argument(
+        "--vm-warmup", action="store_true", help="VMs first train days 1..F on labels alone (off in the paper)"
+    )
     for name, default in (("gs", "0.5,1,2"), ("ls", "1,2"), ("lw", "1")):
         p.add_argument(f"--sweep-{name}", default=default, help=f"{name.upper()} values of the sweep ({default})")
     p.add_argument("--device", default="cpu")

@@ -30,7 +30,10 @@ no-ops and the store keeps each request id once::
     RUN/vm/<unit key>/run/ and rows.json             one student run and its evaluated rows
     RUN/results.json                                 rows + curves + supervision (exfm report reads it)
 
-Decisions: the VM does not warm up on days 1–4 (as in the paper); seeds vary the VM's
+With ``vm_warmup`` (off by default, as in the paper) each VM first trains days 1..F on labels
+alone: a second store per teacher also holds days 1..F, logged by DAS without an FM.
+
+Decisions: seeds vary the VM's
 initialisation only (the FM and its logged supervision are shared by all seeds); ``none`` trains
 on the same store (same rows, same order) as the methods it is compared with.
 """
@@ -43,7 +46,7 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -99,6 +102,7 @@ class ReproduceConfig(BaseModel):
     studies: list[Study] = Field(default_factory=lambda: ["main", "freshness", "staleness"], min_length=1)
     fm_days: int = Field(4, ge=1, description="F: the FM alone trains days 1..F; VMs train F+1..N-1")
     multitask_fm: str = Field("multitask(dcnv2)", description="the teacher of the multi-task study")
+    vm_warmup: bool = Field(False, description="VMs first train days 1..F on labels alone (no FM); off in the paper")
     sweep: SweepGrid = SweepGrid()
     device: str = "cpu"
 
@@ -131,11 +135,13 @@ class VMUnit:
     gs: float = 1.0
     ls: float = 1.0
     lw: float = 1.0
+    warmup: bool = False
 
     @property
     def key(self) -> str:
         """A readable, unique directory name under ``RUN/vm``."""
-        parts = [slug(self.fm), self.fm_updates, slug(self.vm), self.method]
+        parts = ["warmup"] if self.warmup else []
+        parts += [slug(self.fm), self.fm_updates, slug(self.vm), self.method]
         if self.method in ("kd", "ah", "ah_sa"):
             parts.append(f"gs{self.gs:g}-ls{self.ls:g}-lw{self.lw:g}")
         parts += [f"domain-{slug(self.domain)}" if self.domain else "all-domains", self.task or "all-tasks"]
@@ -209,6 +215,8 @@ def plan(config: ReproduceConfig, dataset: Dataset) -> list[PlannedRun]:
             for lw in grid.lw
             for seed in config.seeds
         ]
+    if config.vm_warmup:
+        runs = [PlannedRun(run.study, run.variant, replace(run.unit, warmup=True)) for run in runs]
     return runs
 
 
@@ -284,22 +292,53 @@ class Reproduction:
         return rows
 
     # --- DAS -------------------------------------------------------------------------------------
-    def store(self, fm: str, updates: FmUpdates) -> tuple[Path, list[dict]]:
-        """The DAS shared store of ``fm``'s supervision for days F+1..N (built day by day, resumable).
+    def store(self, fm: str, updates: FmUpdates, warmup: bool = False) -> tuple[Path, list[dict]]:
+        """The DAS shared store of ``fm``'s supervision for days F+1..N, built day by day (resumable).
+
+        With ``warmup`` the store also holds days 1..F, logged without an FM (labels only): the VMs'
+        warm-up. It is a store of its own, as a log cannot take days older than those it has joined.
 
         Returns:
             The store directory, and one summary per day (rows, supervised share, snapshot).
         """
-        root = self.out / "das" / f"{slug(fm)}-{updates}"
-        config_path = root / "das.yaml"
-        if not config_path.exists():
+        root = self.out / "das" / f"{slug(fm)}-{updates}{'-warmup' if warmup else ''}"
+        with_fm, labels_only = (DASConfig.load(self._deployment(root, name)) for name in (slug(fm), None))
+        days_path = root / "days.json"
+        summaries: list[dict] = read_json(days_path) or []
+        done = {s["day"] for s in summaries}
+        first = 1 if warmup else self.vm_days[0]
+        for day in range(first, self.days[-1] + 1):
+            if day in done:
+                continue
+            started = time.perf_counter()
+            if day in self.vm_days or day == self.days[-1]:
+                checkpoint = f"day-{(day - 1 if updates == 'daily' else self.config.fm_days):02d}"
+                snapshot = _serve_only(with_fm.spd, with_fm.fm, self.fm_run(fm), checkpoint)
+                _log(f"DAS {fm} ({updates}): day {day} supervised by the FM's {checkpoint}")
+                self._join_day(with_fm, day)
+                summary = self._check_store_day(with_fm.store, day, snapshot.train_through_us)
+                summary |= {"snapshot": snapshot.snapshot_id, "checkpoint": checkpoint}
+            else:
+                _log(f"DAS {fm} ({updates}): warm-up day {day}, labels only")
+                self._join_day(labels_only, day)
+                summary = self._check_store_day(labels_only.store, day, None) | {"snapshot": None, "checkpoint": None}
+            summary |= {"fm": fm, "fm_updates": updates, "warmup": warmup}
+            summary["seconds"] = round(time.perf_counter() - started, 2)
+            summaries.append(summary)
+            _write_json(days_path, summaries)
+        return with_fm.store, summaries
+
+    def _deployment(self, root: Path, fm: str | None) -> Path:
+        """The DAS config (written once) of the deployment in ``root``, serving ``fm`` (None: no FM)."""
+        path = root / ("das.yaml" if fm else "das-labels-only.yaml")
+        if not path.exists():
             root.mkdir(parents=True, exist_ok=True)
             deployment = {
                 "root": "state",
                 "store": "shared",
                 "spd": "spd",
                 "schema": str(self.data / "schema.yaml"),
-                "fm": slug(fm),
+                "fm": fm,
                 "windows_s": dict.fromkeys(self.dataset.schema.tasks, LABEL_WINDOW_S),
                 "partitions": 4,
                 "lease_s": 30.0,
@@ -308,36 +347,24 @@ class Reproduction:
                 "fm_latency_budget_s": 600.0,  # offline: every example waits for its prediction
                 "manifest_interval_s": 5.0,
             }
-            atomic_write_text(config_path, yaml.safe_dump(deployment, sort_keys=False))
-        config = DASConfig.load(config_path)
-        days_path = root / "days.json"
-        summaries: list[dict] = read_json(days_path) or []
-        done = {s["day"] for s in summaries}
-        for day in [*self.vm_days, self.days[-1]]:
-            if day in done:
-                continue
-            checkpoint = f"day-{(day - 1 if updates == 'daily' else self.config.fm_days):02d}"
-            snapshot = _serve_only(config.spd, config.fm, self.fm_run(fm), checkpoint)
-            _log(f"DAS {fm} ({updates}): day {day} supervised by the FM's {checkpoint}")
-            started = time.perf_counter()
-            backends = open_backends(config)
-            replay_into(
-                backends.log,
-                self.data,
-                [day],
-                max_span_us=int(LABEL_WINDOW_S * US_PER_S) // 2,
-                close_with_watermark_us=int(LABEL_WINDOW_S * US_PER_S) + 1,
-            )
-            Worker(config, f"reproduce-day{day}", backends).run(until_idle_s=0.5)
-            summary = self._check_store_day(config.store, day, snapshot.train_through_us)
-            summary |= {"fm": fm, "fm_updates": updates, "snapshot": snapshot.snapshot_id, "checkpoint": checkpoint}
-            summary["seconds"] = round(time.perf_counter() - started, 2)
-            summaries.append(summary)
-            _write_json(days_path, summaries)
-        return config.store, summaries
+            atomic_write_text(path, yaml.safe_dump(deployment, sort_keys=False))
+        return path
 
-    def _check_store_day(self, store: Path, day: int, snapshot_through_us: int) -> dict:
-        """Every row of ``day`` is in the store, and no supervision was trained on or after the day's start."""
+    def _join_day(self, config: DASConfig, day: int) -> None:
+        """Replay one day into the deployment's log (closing every window after it) and join it with one worker."""
+        backends = open_backends(config)
+        replay_into(
+            backends.log,
+            self.data,
+            [day],
+            max_span_us=int(LABEL_WINDOW_S * US_PER_S) // 2,
+            close_with_watermark_us=int(LABEL_WINDOW_S * US_PER_S) + 1,
+        )
+        Worker(config, f"reproduce-day{day}", backends).run(until_idle_s=0.5)
+
+    def _check_store_day(self, store: Path, day: int, snapshot_through_us: int | None) -> dict:
+        """Every row of ``day`` is in the store, and its supervision (if any) came from the snapshot trained
+        through ``snapshot_through_us``, before the day began; None: no row is supervised."""
         expected = self.dataset.day(day).rows
         files = open_dataset(store).day_files(day)
         columns = [FM_TRAINED_THROUGH_COLUMN, *(f"fm:{t}" for t in self.dataset.schema.tasks)]
@@ -347,11 +374,11 @@ class Reproduction:
             raise RuntimeError(f"DAS store {store}: day {day} has {rows:,} rows, the dataset {expected:,}")
         through = set(table.column(FM_TRAINED_THROUGH_COLUMN).drop_null().to_pylist())
         if through - {snapshot_through_us}:
+            wanted = "none" if snapshot_through_us is None else f"only the day's snapshot's ({snapshot_through_us})"
             raise RuntimeError(
-                f"DAS store {store}: day {day} holds supervision trained through {sorted(through)} (µs), expected "
-                f"only the snapshot published for it ({snapshot_through_us})"
+                f"DAS store {store}: day {day} holds supervision trained through {sorted(through)}; expected {wanted}"
             )
-        if snapshot_through_us >= self.dataset.day(day).start_us:
+        if snapshot_through_us is not None and snapshot_through_us >= self.dataset.day(day).start_us:
             raise RuntimeError(f"{store}: the snapshot for day {day} has trained on the day itself (look-ahead)")
         supervised = rows - table.column(f"fm:{self.dataset.schema.tasks[0]}").null_count
         return {"day": day, "rows": rows, "supervised": supervised / rows, "trained_through_us": snapshot_through_us}
@@ -368,12 +395,13 @@ class Reproduction:
         cached = read_json(path)
         if cached is not None:
             return cached
-        store, _ = self.store(unit.fm, unit.fm_updates)
+        store, _ = self.store(unit.fm, unit.fm_updates, unit.warmup)
+        first_day = 1 if unit.warmup else self.vm_days[0]
         run_dir = path.parent / "run"
         config = {
             "data": str(store),
             **self.zoo[unit.vm].train_settings(),
-            "train_days": [self.vm_days[0], self.vm_days[-1]],
+            "train_days": [first_day, self.vm_days[-1]],
             "distillation": {
                 "method": unit.method,
                 "gradient_scale": unit.gs,
@@ -387,7 +415,7 @@ class Reproduction:
             config["view"] = {"domains": [unit.domain]}
         if unit.task is not None:
             config["tasks"] = [unit.task]
-        _log(f"VM {unit.key}: days {self.vm_days[0]}-{self.vm_days[-1]}")
+        _log(f"VM {unit.key}: days {first_day}-{self.vm_days[-1]}")
         started = time.perf_counter()
         run = RunDirectory(run_dir)
         train(parse_train_config(config), run_dir, resume=run.config_path.exists(), show_progress=False)

@@ -464,6 +464,18 @@ def test_a_stopped_worker_hands_the_snapshot_lease_to_the_next_one_at_once(tmp_p
     successor.close()
 
 
+def test_a_running_worker_shortens_the_gil_switch_interval_and_restores_it(tmp_path: Path):
+    config = write_config(tmp_path, gil_switch_interval_s=0.0002)
+    worker = Worker(config, "w")
+    seen = []
+    step = worker.step
+    worker.step = lambda: seen.append(sys.getswitchinterval()) or step()
+    before = sys.getswitchinterval()
+    worker.run(until_idle_s=0.1)
+    assert seen and set(seen) == {pytest.approx(0.0002)}  # the FM thread gets the GIL back within 0.2 ms
+    assert sys.getswitchinterval() == before
+
+
 def test_supervisor_batches_impressions_while_the_fm_is_busy():
     sizes = []
 

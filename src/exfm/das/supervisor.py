@@ -80,6 +80,22 @@ class SnapshotFM:
         return {task: torch.sigmoid(logits[task]).float().numpy() for task in self.tasks}
 
 
+@dataclass(frozen=True)
+class _Predictions:
+    """One FM call's output, kept as an array: an example's :class:`Supervision` is made when it is emitted
+    (on the worker's thread), so the FM thread spends its time on the model alone."""
+
+    rows: dict[str, int]  # request id -> row of ``probabilities``
+    tasks: tuple[str, ...]
+    probabilities: np.ndarray  # [B, T]
+    snapshot_id: str
+    trained_through_us: int
+
+    def supervision(self, request_id: str) -> Supervision:
+        values = self.probabilities[self.rows[request_id]].tolist()
+        return Supervision(dict(zip(self.tasks, values, strict=True)), self.snapshot_id, self.trained_through_us)
+
+
 @dataclass
 class _Job:
     """One batch of impressions sent to the FM, and when emission stops waiting for it."""
@@ -166,7 +182,7 @@ class Supervisor:
         if any(example.request_id in self._buffered for example in examples):
             self.dispatch(force=True)  # a closed example's impression is still buffered: send it now
         now = self.clock()
-        outcomes: dict[int, dict[str, Supervision] | str | None] = {}  # per job; None = still running
+        outcomes: dict[int, _Predictions | str | None] = {}  # per job; None = still running
         ready, waiting = [], []
         for example in examples:
             job = self._jobs.get(example.request_id)
@@ -193,7 +209,7 @@ class Supervisor:
                         example.close_us,
                         example.source,
                         example.row,
-                        outcome[example.request_id],
+                        outcome.supervision(example.request_id),
                     )
                 )
         self.counters["emitted"] += len(ready)
@@ -221,13 +237,13 @@ class Supervisor:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
-    def _outcome(job: _Job, now: float) -> dict[str, Supervision] | str | None:
+    def _outcome(job: _Job, now: float) -> _Predictions | str | None:
         """The job's predictions, the counter of why there are none, or None if it runs within budget."""
         if not job.future.done():
             return "unsupervised_timeout" if now >= job.deadline else None
         if job.future.exception() is not None:
             return "unsupervised_error"
-        return job.future.result() or "unsupervised_no_snapshot"  # a dict, a counter name, or None
+        return job.future.result() or "unsupervised_no_snapshot"  # predictions, a counter name, or None
 
     def has_capacity(self) -> bool:
         """Whether fewer than ``max_queued_rows`` impressions wait for (buffered or sent) or are in inference.
@@ -238,7 +254,7 @@ class Supervisor:
         """
         return self._queued_rows + len(self._buffer) < self.max_queued_rows
 
-    def _infer(self, impressions: list[ImpressionRef], deadline: float) -> dict[str, Supervision] | str | None:
+    def _infer(self, impressions: list[ImpressionRef], deadline: float) -> _Predictions | str | None:
         try:
             if self.clock() >= deadline:  # its examples are emitted without it: do not spend the FM on it
                 return "unsupervised_timeout"
@@ -248,18 +264,24 @@ class Supervisor:
             with self._lock:
                 self.counters["fm_calls"] += 1
                 self.counters["fm_rows"] += len(impressions)
-            return self._predict(fm, impressions)
+            started = time.perf_counter()
+            try:
+                return self._predict(fm, impressions)
+            finally:
+                with self._lock:  # the FM's busy time: fm_rows / fm_seconds is its speed inside the worker
+                    self.counters["fm_seconds"] += time.perf_counter() - started
         finally:
             with self._lock:
                 self._queued_rows -= len(impressions)
 
     @staticmethod
-    def _predict(fm: SnapshotFM, impressions: list[ImpressionRef]) -> dict[str, Supervision]:
+    def _predict(fm: SnapshotFM, impressions: list[ImpressionRef]) -> _Predictions:
         probabilities = fm.predict(impressions)
-        info = fm.info
-        return {
-            ref_request_id(ref): Supervision(
-                {task: float(p[row]) for task, p in probabilities.items()}, info.snapshot_id, info.train_through_us
-            )
-            for row, ref in enumerate(impressions)
-        }
+        tasks = tuple(probabilities)
+        return _Predictions(
+            {ref_request_id(ref): row for row, ref in enumerate(impressions)},
+            tasks,
+            np.stack([probabilities[task] for task in tasks], axis=1),
+            fm.info.snapshot_id,
+            fm.info.train_through_us,
+        )

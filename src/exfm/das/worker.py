@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -86,6 +87,13 @@ class DASConfig(BaseModel):
     partition_by: Literal["day", "hour"] = Field("day", description="the store's Parquet partitions")
     fm_latency_budget_s: float = Field(5.0, ge=0, description="how long a closed example waits for its FM prediction")
     fm_batch: int = Field(4096, ge=1)
+    gil_switch_interval_s: float = Field(
+        0.0005,
+        gt=0,
+        description="Python's thread switch interval while the worker runs (sys.setswitchinterval; Python's "
+        "default is 0.005): the FM thread takes the GIL back after each torch op, and waits up to this long "
+        "for the joining thread to give it up",
+    )
     redis_url: str | None = None
     zookeeper_hosts: str | None = None
 
@@ -219,6 +227,8 @@ class Worker:
         """Work until ``stop`` is set (or, with ``until_idle_s``, until nothing was read for that long)."""
         stop = stop or threading.Event()
         idle_since = time.monotonic()
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(self.config.gil_switch_interval_s)
         try:
             while not stop.is_set():
                 self.supervisor.dispatch()  # feed an idle FM with what is buffered
@@ -234,6 +244,7 @@ class Worker:
                 else:
                     stop.wait(0.05)
         finally:
+            sys.setswitchinterval(switch_interval)
             self.close()
 
     def step(self) -> int:
@@ -372,6 +383,8 @@ class Worker:
             "supervision": dict(supervision),
             "supervision_coverage": supervision["supervised"] / max(supervision["emitted"], 1),
             "fm_rows_per_emitted": supervision["fm_rows"] / max(supervision["emitted"], 1),
+            "fm_rows_per_busy_s": supervision["fm_rows"] / max(supervision["fm_seconds"], 1e-9),
+            "fm_busy_fraction": supervision["fm_seconds"] / elapsed,
             "snapshot": None if self.snapshot is None else self.snapshot.snapshot_id,
             "snapshot_staleness_s": None
             if self.snapshot is None

@@ -641,7 +641,8 @@ def _header_blocks(results: dict, run: Path) -> list[Block]:
             "p",
             "Every value: per seed the mean over the eval days, then the mean ± sample std across seeds (the mean "
             "alone with one seed). NE gain % = (NE_none − NE) / NE_none · 100 against the none row of the same "
-            "fm, vm, seed, eval day, task and domain (in the same study and variant, else in study main), per row "
+            "fm, vm, seed, eval day, task and domain (in the same study and variant, else in the same study, else in "
+            "study main), per row "
             "before averaging; positive = better than the VM without an FM.",
         ),
     ]
@@ -737,7 +738,7 @@ def _sweep_blocks(results: dict, plots: list[_Plot]) -> list[Block]:
             (
                 "p",
                 f"Task {task}: method ah with gradient scale gs, label scale ls and loss weight lw; NE gain vs the "
-                "none row of study main.",
+                "sweep's none rows (else those of study main).",
             ),
             ("table", ["teacher", "student", "gs", "ls", "lw", "NE gain %", "AUC"], grid),
         ]

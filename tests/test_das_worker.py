@@ -472,7 +472,7 @@ def test_a_running_worker_shortens_the_gil_switch_interval_and_restores_it(tmp_p
     worker.step = lambda: seen.append(sys.getswitchinterval()) or step()
     before = sys.getswitchinterval()
     worker.run(until_idle_s=0.1)
-    assert seen and set(seen) == {pytest.approx(0.0002)}  # the FM thread gets the GIL back within 0.2 ms
+    assert seen and all(value == pytest.approx(0.0002) for value in seen)  # the FM thread waits 0.2 ms at most
     assert sys.getswitchinterval() == before
 
 

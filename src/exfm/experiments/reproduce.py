@@ -26,16 +26,17 @@ no-ops and the store keeps each request id once::
     RUN/config.json                                  the settings (data path fixed for the RUN)
     RUN/fm/<fm>/run/                                 the FM's training run (day-NN checkpoints)
     RUN/fm/<fm>/staleness.json                       the FM's own next-day metrics (staleness study)
-    RUN/das/<fm>-<daily|frozen>/{das.yaml,state,spd,shared,days.json}
+    RUN/das/<fm>-<daily|frozen>[-warmup]/{das.yaml,state,spd,shared,days.json}
     RUN/vm/<unit key>/run/ and rows.json             one student run and its evaluated rows
     RUN/results.json                                 rows + curves + supervision (exfm report reads it)
 
 With ``vm_warmup`` (off by default, as in the paper) each VM first trains days 1..F on labels
 alone: a second store per teacher also holds days 1..F, logged by DAS without an FM.
 
-Decisions: seeds vary the VM's
-initialisation only (the FM and its logged supervision are shared by all seeds); ``none`` trains
-on the same store (same rows, same order) as the methods it is compared with.
+Decisions: seeds vary the VM's initialisation only (the FM and its logged supervision are shared
+by all seeds); ``none`` trains on the same store (same rows, same order) as the methods it is
+compared with; the DAS log has one partition, so the store's row order, and with it every result,
+is the same in every run.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -172,14 +173,23 @@ def test_a_second_call_reuses_everything_and_an_interrupted_run_resumes(stream: 
     assert Reproduction(config, tmp_path / "run").run()["rows"] == first["rows"]
     monkeypatch.undo()
 
+    # an evaluated VM's checkpoints are deleted (0.1-0.4 GB each); its metrics and curves stay
+    unit = VMUnit("dcnv2", "daily", "fm", "ah", 0)
+    run_dir = tmp_path / "run" / "vm" / unit.key / "run"
+    assert not (run_dir / "checkpoints").exists() and (run_dir / "metrics.jsonl").exists()
+
     # a VM cut off after its last checkpoint but before its rows were written, and DAS days 7-8
     # whose completion was never recorded: both are finished again from what is on disk
-    unit = VMUnit("dcnv2", "daily", "fm", "ah", 0)
+    keep = config.model_copy(update={"keep_vm_checkpoints": True})
+    (tmp_path / "run" / "vm" / unit.key / "rows.json").unlink()
+    shutil.rmtree(run_dir)
+    Reproduction(keep, tmp_path / "run").run()  # trains the unit again, keeping its checkpoints
+    assert (run_dir / "checkpoints" / "day-07.pt").exists()
     (tmp_path / "run" / "vm" / unit.key / "rows.json").unlink()
     days_path = tmp_path / "run" / "das" / "dcnv2-daily" / "days.json"
     days = json.loads(days_path.read_text())
     days_path.write_text(json.dumps(days[:2]))
-    again = Reproduction(config, tmp_path / "run").run()
+    again = Reproduction(keep, tmp_path / "run").run()
     assert again["rows"] == first["rows"]
     redone = [(s["day"], s["checkpoint"], s["trained_through_us"]) for s in again["supervision"]]
     assert redone == [(s["day"], s["checkpoint"], s["trained_through_us"]) for s in days]

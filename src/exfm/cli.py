@@ -220,6 +220,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> None:
             "fm_days": args.fm_days,
             "multitask_fm": args.multitask_fm,
             "vm_warmup": args.vm_warmup,
+            "keep_vm_checkpoints": args.keep_vm_checkpoints,
             "sweep": {"gs": items(args.sweep_gs), "ls": items(args.sweep_ls), "lw": items(args.sweep_lw)},
             "device": args.device,
         }
@@ -437,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--multitask-fm", default="multitask(dcnv2)", help="the teacher of the multi_task study")
     p.add_argument(
         "--vm-warmup", action="store_true", help="VMs first train days 1..F on labels alone (off in the paper)"
+    )
+    p.add_argument(
+        "--keep-vm-checkpoints", action="store_true", help="keep VM checkpoints after evaluation (default: deleted)"
     )
     for name, default in (("gs", "0.5,1,2"), ("ls", "1,2"), ("lw", "1")):
         p.add_argument(f"--sweep-{name}", default=default, help=f"{name.upper()} values of the sweep ({default})")

@@ -27,7 +27,8 @@ no-ops and the store keeps each request id once::
     RUN/fm/<fm>/run/                                 the FM's training run (day-NN checkpoints)
     RUN/fm/<fm>/staleness.json                       the FM's own next-day metrics (staleness study)
     RUN/das/<fm>-<daily|frozen>[-warmup]/{das.yaml,state,spd,shared,days.json}
-    RUN/vm/<unit key>/run/ and rows.json             one student run and its evaluated rows
+    RUN/vm/<unit key>/run/ and rows.json             one student run (checkpoints deleted once evaluated,
+                                                     unless keep_vm_checkpoints) and its evaluated rows
     RUN/results.json                                 rows + curves + supervision (exfm report reads it)
 
 With ``vm_warmup`` (off by default, as in the paper) each VM first trains days 1..F on labels
@@ -104,6 +105,9 @@ class ReproduceConfig(BaseModel):
     fm_days: int = Field(4, ge=1, description="F: the FM alone trains days 1..F; VMs train F+1..N-1")
     multitask_fm: str = Field("multitask(dcnv2)", description="the teacher of the multi-task study")
     vm_warmup: bool = Field(False, description="VMs first train days 1..F on labels alone (no FM); off in the paper")
+    keep_vm_checkpoints: bool = Field(
+        False, description="keep each VM run's checkpoints once it is evaluated (default: deleted, 0.1-0.4 GB per run)"
+    )
     sweep: SweepGrid = SweepGrid()
     device: str = "cpu"
 
@@ -430,6 +434,8 @@ class Reproduction:
             "seconds": round(time.perf_counter() - started, 2),
         }
         _write_json(path, result)
+        if not self.config.keep_vm_checkpoints:  # evaluated: its rows are what the unit is for
+            shutil.rmtree(run.checkpoints)
         return result
 
     # --- everything ------------------------------------------------------------------------------

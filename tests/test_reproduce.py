@@ -74,7 +74,7 @@ def test_plan_runs_each_unit_once_and_shares_it_between_studies(stream: Path):
 
 def test_every_row_has_the_protocols_fields_and_days(every_study):
     runner, results = every_study
-    assert results["format"] == reproduce.RESULTS_FORMAT
+    assert results["format"] == reproduce.FORMAT
     assert results["config"]["vm_days"] == [5, 6, 7]
     for row in results["rows"]:
         assert set(row) >= ROW_KEYS, row

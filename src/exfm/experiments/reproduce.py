@@ -43,7 +43,6 @@ is the same in every run.
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
 import time
@@ -61,6 +60,7 @@ from exfm.das.snapshots import SnapshotInfo, list_snapshots, publish_snapshot
 from exfm.das.worker import DASConfig, Worker, open_backends
 from exfm.data.dataset import US_PER_S, Dataset, atomic_write_text, open_dataset
 from exfm.distill.supervision import FM_TRAINED_THROUGH_COLUMN
+from exfm.experiments.report import FORMAT, METHODS, METRICS
 from exfm.experiments.zoo import synthetic_zoo
 from exfm.schema import format_validation_error
 from exfm.train.config import ConfigError, parse_train_config
@@ -68,8 +68,6 @@ from exfm.train.metrics import ALL, MetricSet
 from exfm.train.run_dir import RunDirectory
 from exfm.train.trainer import evaluate_checkpoint, train
 
-RESULTS_FORMAT = "exfm-reproduce/1"
-METHODS = ("none", "kd", "ah", "ah_sa")
 STUDIES = ("main", "multi_domain", "multi_task", "freshness", "staleness", "sweep")
 Study = Literal["main", "multi_domain", "multi_task", "freshness", "staleness", "sweep"]
 Method = Literal["none", "kd", "ah", "ah_sa"]
@@ -307,7 +305,8 @@ class Reproduction:
             The store directory, and one summary per day (rows, supervised share, snapshot).
         """
         root = self.out / "das" / f"{slug(fm)}-{updates}{'-warmup' if warmup else ''}"
-        with_fm, labels_only = (DASConfig.load(self._deployment(root, name)) for name in (slug(fm), None))
+        with_fm = DASConfig.load(self._deployment(root, slug(fm)))
+        labels_only = DASConfig.load(self._deployment(root, None)) if warmup else None
         days_path = root / "days.json"
         summaries: list[dict] = read_json(days_path) or []
         done = {s["day"] for s in summaries}
@@ -458,7 +457,7 @@ class Reproduction:
                 rows += [{"dataset": self.config.dataset, **row} for row in self.staleness_rows(fm)]
         supervision = [s for path in sorted((self.out / "das").glob("*/days.json")) for s in read_json(path)]
         results = {
-            "format": RESULTS_FORMAT,
+            "format": FORMAT,
             "config": {**self.config.model_dump(mode="json"), "data": str(self.data), "vm_days": self.vm_days},
             "rows": rows,
             "curves": curves,
@@ -492,12 +491,7 @@ def _metric_rows(
         for domain, metrics in per_domain.items():
             if metrics.n == 0 and domain != ALL:
                 continue
-            values = {
-                "auc": metrics.auc,
-                "logloss": metrics.logloss,
-                "ne": metrics.ne,
-                "calibration": metrics.calibration,
-            }
+            values = metrics.to_dict()
             rows.append(
                 {
                     **tags,
@@ -505,7 +499,7 @@ def _metric_rows(
                     "eval_day": eval_day,
                     "task": task,
                     "domain": domain,
-                    **{k: None if math.isnan(v) else float(v) for k, v in values.items()},
+                    **{name: values[name] for name in METRICS},
                     "n_examples": metrics.n,
                 }
             )
